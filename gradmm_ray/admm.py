@@ -1,0 +1,228 @@
+"""ADMM for a batch of independent synthetic examples (GRADMM Sec. 4.2, Alg. 1).
+
+Each example is a sequence [prompt prefix] X [prompt suffix] [completion]: X (n x d) are the free
+embeddings of the text, everything else is the fixed template and the label's completion. With
+f(X) the matching loss against the noisy target of the label, Z the projection of X into the
+vocabulary and Λ the dual, each outer iteration does
+
+    Z ← project(X + Λ/ρ)                        (top-k, LM-conditioned; projection.py)
+    X ← K Adam steps on f(X) + ρ/2 ‖X − Z + Λ/ρ‖²
+    Λ ← Λ + ρ (X − Z)
+
+and the output is the projected iterate with the lowest matching loss. Examples never interact:
+the batch loss is a sum of per-example losses, Adam is elementwise, gradient clipping is per
+example, and all randomness of an example comes from (seed, synthetic_id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from gradmm_ray.config import AdmmConfig
+from gradmm_ray.headgrad import head_logits, logits_grad, match_loss
+from gradmm_ray.lm import CausalLM
+from gradmm_ray.projection import project
+
+
+def example_seed(seed: int, synthetic_id: int) -> int:
+    """A 63-bit seed from (run seed, synthetic id) only: independent of batching and workers."""
+    digest = hashlib.sha256(f"{seed}:{synthetic_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    """The fixed parts of one label's synthetic sequence, as token ids."""
+
+    prefix_ids: list[int]  # template text before {text}, with the tokenizer's special tokens
+    suffix_ids: list[int]  # template text after {text}
+    completion_ids: list[int]  # the label's verbalizer
+    generation_ids: list[int]  # the label's generation prefix (projection only)
+
+    @classmethod
+    def build(cls, tokenizer, template: str, completion: str, generation_prefix: str) -> SequenceLayout:
+        before, after = template.split("{text}", 1)
+        return cls(
+            prefix_ids=list(tokenizer(before, add_special_tokens=True)["input_ids"]),
+            suffix_ids=list(tokenizer(after, add_special_tokens=False)["input_ids"]) if after else [],
+            completion_ids=list(tokenizer(completion, add_special_tokens=False)["input_ids"]),
+            generation_ids=list(tokenizer(generation_prefix, add_special_tokens=True)["input_ids"]),
+        )
+
+
+@dataclass
+class Target:
+    """The noisy target gradient of one label, on the solver's device, fp32."""
+
+    weight: Tensor  # (V, d)
+    bias: Tensor | None  # (V,)
+
+
+@dataclass
+class SolveResult:
+    synthetic_id: int
+    rho: float
+    token_ids: list[int]
+    match_loss: float  # of the returned (projected) tokens
+    initial_match_loss: float  # of the first projection
+    best_iter: int  # outer iteration of the returned tokens (outer_iters = final projection)
+    loss_curve: list[float] = field(default_factory=list)  # f(X) after each X-update
+    projected_loss_curve: list[float] = field(default_factory=list)  # f(Z) for each Z
+    residual_curve: list[float] = field(default_factory=list)  # ‖X − Z‖ after each X-update
+    seconds: float = 0.0
+
+
+class MatchingObjective:
+    """f(X) per example for one label's layout and target: one forward, one backward."""
+
+    def __init__(self, lm: CausalLM, layout: SequenceLayout, target: Target):
+        self.lm = lm
+        emb = lm.model.get_input_embeddings()
+        dev = lm.device
+        with torch.no_grad():
+            self.prefix = emb(torch.tensor(layout.prefix_ids, device=dev))  # (p, d)
+            self.suffix = emb(torch.tensor(layout.suffix_ids, dtype=torch.long, device=dev))  # (s, d)
+            self.completion = emb(torch.tensor(layout.completion_ids, device=dev))  # (T, d)
+        T = len(layout.completion_ids)
+        self.n_fixed_before = len(layout.prefix_ids)
+        self.n_after = len(layout.suffix_ids)
+        self.targets = torch.tensor(layout.completion_ids, device=dev).unsqueeze(0)  # (1, T)
+        self.mask = torch.ones((1, T), dtype=torch.bool, device=dev)
+        self.T = T
+        self.W, self.b = lm.head_params_fp32()
+        self.tail = lm.logits_tail()
+        self.target = target
+
+    def __call__(self, X: Tensor) -> Tensor:
+        """X (N, n, d) -> matching loss (N,)."""
+        N, n, _ = X.shape
+        dt = self.prefix.dtype
+        embeds = torch.cat(
+            [
+                self.prefix.expand(N, -1, -1),
+                X.to(dt),
+                self.suffix.expand(N, -1, -1),
+                self.completion.expand(N, -1, -1),
+            ],
+            dim=1,
+        )  # (N, L, d)
+        attention = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        hidden = self.lm.hidden_states(inputs_embeds=embeds, attention_mask=attention)
+        start = self.n_fixed_before + n + self.n_after - 1  # predicts the first completion token
+        A = hidden[:, start : start + self.T].float()  # (N, T, d)
+        B = logits_grad(head_logits(A, self.W, self.b), self.targets.expand(N, -1), self.mask.expand(N, -1), self.tail)
+        return match_loss(A, B, self.target.weight, self.target.bias)
+
+    @torch.no_grad()
+    def of_tokens(self, token_ids: Tensor, chunk: int = 64) -> Tensor:
+        """Matching loss of token sequences (N, n), (N,)."""
+        emb = self.lm.model.get_input_embeddings()
+        return torch.cat([self(emb(token_ids[i : i + chunk]).float()) for i in range(0, len(token_ids), chunk)])
+
+
+def typical_embedding_norm(lm: CausalLM) -> float:
+    return float(lm.input_embeddings.detach().float().norm(dim=-1).median())
+
+
+@torch.no_grad()
+def initial_embeddings(objective: MatchingObjective, seeds: list[int], *, num_tokens: int, candidates: int, norm: float, chunk: int = 64) -> Tensor:
+    """Per example: `candidates` random-normal draws rescaled to the typical token norm; keep the
+    one with the lowest matching loss. (N, n, d)."""
+    d = objective.W.shape[1]
+    best = []
+    for s in seeds:
+        g = torch.Generator(device="cpu").manual_seed(s)
+        cand = torch.randn((candidates, num_tokens, d), generator=g)
+        cand = cand * (norm / cand.norm(dim=-1, keepdim=True))
+        cand = cand.to(objective.lm.device)
+        losses = torch.cat([objective(cand[i : i + chunk]) for i in range(0, candidates, chunk)])
+        best.append(cand[losses.argmin()])
+    return torch.stack(best)
+
+
+def _clip_per_example(grad: Tensor, max_norm: float) -> None:
+    norms = grad.flatten(1).norm(dim=1).clamp(min=1e-12)  # (N,)
+    grad.mul_((max_norm / norms).clamp(max=1.0).view(-1, 1, 1))
+
+
+def solve_batch(
+    lm: CausalLM,
+    layout: SequenceLayout,
+    target: Target,
+    items: list[tuple[int, float]],
+    cfg: AdmmConfig,
+    *,
+    seed: int,
+    allowed: Tensor,
+) -> list[SolveResult]:
+    """Solve ADMM for examples of ONE label side by side. items: (synthetic_id, rho)."""
+    start = time.perf_counter()
+    objective = MatchingObjective(lm, layout, target)
+    N = len(items)
+    dev = lm.device
+    rho = torch.tensor([r for _, r in items], device=dev).view(-1, 1, 1)  # (N, 1, 1)
+    prefixes = [layout.generation_ids] * N
+    emb = lm.model.get_input_embeddings()
+
+    X0 = initial_embeddings(objective, [example_seed(seed, sid) for sid, _ in items], num_tokens=cfg.num_tokens, candidates=cfg.init_candidates, norm=typical_embedding_norm(lm))
+    X = X0.clone().requires_grad_(True)
+    Lam = torch.zeros_like(X0)
+    opt = torch.optim.Adam([X], lr=cfg.lr)
+
+    curves: dict[str, list[list[float]]] = {"f": [], "fz": [], "res": []}
+    projections: list[Tensor] = []
+    best_x = X0.clone()
+    best_fx = torch.full((N,), float("inf"), device=dev)
+    for _ in range(cfg.outer_iters):
+        with torch.no_grad():
+            tokens = project(lm, X.detach() + Lam / rho, prefixes, allowed, rule=cfg.projection, k=cfg.topk)
+            Z = emb(tokens).float()  # (N, n, d)
+        projections.append(tokens)
+        curves["fz"].append(objective.of_tokens(tokens).tolist())
+        for _ in range(cfg.inner_steps):
+            opt.zero_grad(set_to_none=True)
+            f = objective(X)
+            penalty = 0.5 * rho.view(-1) * (X - Z + Lam / rho).square().sum((1, 2))
+            (f + penalty).sum().backward()
+            _clip_per_example(X.grad, cfg.grad_clip)
+            opt.step()
+        with torch.no_grad():
+            fx = objective(X)
+            improved = fx < best_fx
+            best_fx = torch.where(improved, fx, best_fx)
+            best_x[improved] = X.detach()[improved]
+            Lam += rho * (X.detach() - Z)
+            curves["f"].append(fx.tolist())
+            curves["res"].append((X.detach() - Z).flatten(1).norm(dim=1).tolist())
+
+    with torch.no_grad():
+        final = project(lm, best_x, prefixes, allowed, rule=cfg.projection, k=cfg.topk)
+    projections.append(final)
+    curves["fz"].append(objective.of_tokens(final).tolist())
+
+    fz = torch.tensor(curves["fz"])  # (outer_iters + 1, N)
+    best_iter = fz.argmin(dim=0)  # first minimum: earliest iterate on ties
+    seconds = (time.perf_counter() - start) / N
+    results = []
+    for i, (sid, r) in enumerate(items):
+        t = int(best_iter[i])
+        results.append(
+            SolveResult(
+                synthetic_id=sid,
+                rho=r,
+                token_ids=projections[t][i].tolist(),
+                match_loss=float(fz[t, i]),
+                initial_match_loss=float(fz[0, i]),
+                best_iter=t,
+                loss_curve=[c[i] for c in curves["f"]],
+                projected_loss_curve=[c[i] for c in curves["fz"]],
+                residual_curve=[c[i] for c in curves["res"]],
+                seconds=seconds,
+            )
+        )
+    return results

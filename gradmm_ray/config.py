@@ -1,0 +1,389 @@
+"""Typed configuration: frozen dataclasses, YAML loading, dotted overrides, validation.
+
+Precedence, lowest to highest: the defaults below, the YAML file (``--config``), the named CLI
+flags (``--data``, ``--model``, ...), then ``--set section.key=value`` (values parsed as YAML
+scalars, so ``.inf``, ``1e-4``, ``true`` and ``[0.1, 1.0]`` work). Every problem found is reported
+at once, before any cluster work, in a :class:`ConfigError`.
+
+Defaults are the embedded demo (bundled sample data, the tiny offline model) with the method's
+settings from the reference implementation where they are affordable on a laptop CPU; see
+``jobs/configs/`` for paper-scale settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STAGES = ("targets", "solve", "select")
+PROJECTION_RULES = ("paper", "reference")
+ADJACENCIES = ("add_remove", "replace_one")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem (one or more lines, each naming the field)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "sample"  # path / URI / hub id; "sample" = the bundled movie reviews
+    split: str = "train"  # split for hub datasets, save_to_disk folders and "sample"
+    text_column: str = "text"
+    label_column: str = "label"
+    label_names: tuple[str, ...] | None = None  # names for integer labels 0..K-1
+    prompt_template: str = "{text} It was"
+    verbalizers: dict[str, str] = field(
+        default_factory=lambda: {"positive": " great", "negative": " bad"}
+    )
+    # Conditions the LM during projection only; never part of the training pair.
+    generation_prefix: str = "A {label} movie review:"
+    max_examples: int | None = None  # seeded, stratified subsample of the whole set
+    per_class: int | None = None  # seeded sample of at most this many rows per class
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "tiny"  # "tiny", a Hugging Face hub id, or a local folder
+    revision: str | None = None
+    dtype: str = "auto"  # auto: bfloat16 on a GPU that supports it, else float32
+    device: str = "auto"  # auto: cuda when the actor has a GPU, else cpu
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    epsilon: float = 1.0  # .inf = no noise
+    delta: float = 1e-4
+    clip_norm: float | None = 1.0  # null = no clipping (only with epsilon .inf)
+    adjacency: str = "add_remove"  # or replace_one (sensitivity 2C)
+    secure_rng: bool = False  # draw the noise from the OS entropy source, not from `seed`
+
+
+@dataclass(frozen=True)
+class TargetsConfig:
+    """Stage 1 resources. Each actor call takes `rows_per_partial` rows, runs them through the
+    model `micro_batch_size` at a time and emits one per-class partial sum."""
+
+    micro_batch_size: int = 32
+    rows_per_partial: int = 4096
+    min_actors: int = 1
+    max_actors: int = 2
+    num_gpus: float | str = "auto"  # auto: 1 when the cluster has GPUs, else 0 (CPU actors)
+    num_cpus: float = 1.0
+
+
+@dataclass(frozen=True)
+class AdmmConfig:
+    num_tokens: int = 12  # free positions per synthetic example (public, not data-derived)
+    outer_iters: int = 30
+    inner_steps: int = 50
+    lr: float = 0.008
+    grad_clip: float = 1.0
+    rho: tuple[float, ...] = (1.0,)  # each value is its own work item
+    init_candidates: int = 32
+    projection: str = "reference"  # paper | reference
+    topk: int = 200
+    word_like_only: bool = False
+
+
+@dataclass(frozen=True)
+class SolveConfig:
+    candidates_per_class: int = 8
+    batch_size: int = 8  # examples solved side by side on one actor
+    min_actors: int = 1
+    max_actors: int = 2
+    num_gpus: float | str = "auto"
+    num_cpus: float = 1.0
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    label_check: bool = True
+    min_label_prob: float = 0.0
+    dedupe: bool = True
+    per_class: int | None = 4  # null = keep every candidate that passes
+    ppl_weight: float = 0.0
+    balance: bool = True
+    few_shot: tuple[dict[str, str], ...] = ()  # user-written {text, label} demonstrations
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    enabled: bool = False  # reads real data after the DP release: outside the guarantee
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    admm: AdmmConfig = field(default_factory=AdmmConfig)
+    solve: SolveConfig = field(default_factory=SolveConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    output: str = "outputs/demo"
+    seed: int = 0
+    stages: tuple[str, ...] = STAGES
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """The settings that determine the results; resource and stage choices are left out so
+        that a resumed run may use a different cluster or run a later stage."""
+        d = self.to_dict()
+        for key in ("output", "stages"):
+            d.pop(key)
+        for section in ("targets", "solve"):
+            d[section] = {
+                k: v
+                for k, v in d[section].items()
+                if k not in ("min_actors", "max_actors", "num_gpus", "num_cpus", "batch_size")
+                and not k.startswith(("micro_batch", "rows_per"))
+            }
+        d["select"].pop("batch_size")
+        return d
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, Mapping):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a Config from nested dicts, with type coercion and collected errors.
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        for candidate in non_none:
+            trial: list[str] = []
+            out = _coerce(value, candidate, where, trial)
+            if not trial:
+                return out
+        errors.append(f"{where}: got {value!r}, expected {_type_name(tp)}")
+        return None
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and value.strip().lower() in ("inf", ".inf", "+inf"):
+            return math.inf
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple:
+        if isinstance(value, int | float | str | dict) and not isinstance(value, bool):
+            value = [value]  # a scalar where a list is expected: a list of one
+        if isinstance(value, list | tuple):
+            inner = args[0]
+            return tuple(_coerce(v, inner, f"{where}[{i}]", errors) for i, v in enumerate(value))
+    elif origin is dict:
+        if isinstance(value, Mapping):
+            kt, vt = args
+            return {
+                _coerce(k, kt, f"{where} key", errors): _coerce(v, vt, f"{where}.{k}", errors)
+                for k, v in value.items()
+            }
+    errors.append(f"{where}: got {value!r}, expected {_type_name(tp)}")
+    return None
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _did_you_mean(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(options))})"
+
+
+def _build(cls: type, raw: Mapping[str, Any], prefix: str, errors: list[str]) -> Any:
+    hints = _field_types(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        where = f"{prefix}{key}"
+        if key not in hints:
+            errors.append(f"unknown config key {where!r}{_did_you_mean(key, list(hints))}")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                errors.append(f"{where}: got {value!r}, expected a mapping of {tp.__name__}")
+                continue
+            kwargs[key] = _build(tp, value, f"{where}.", errors)
+        else:
+            kwargs[key] = _coerce(value, tp, where, errors)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"admm.rho=[0.1, 1]"`` -> ``{"admm": {"rho": [0.1, 1]}}`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    dotted, _, raw_value = text.partition("=")
+    keys = [k.strip() for k in dotted.strip().split(".")]
+    if not all(keys):
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({e.__class__.__name__})")
+    nested: dict[str, Any] = {keys[-1]: value}
+    for k in reversed(keys[:-1]):
+        nested = {k: nested}
+    return nested
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}".splitlines()[0])
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config file {str(p)!r}: expected a mapping at the top level")
+    return dict(raw)
+
+
+def build_config(*layers: Mapping[str, Any]) -> Config:
+    """Merge raw layers (later wins) onto the defaults, coerce types and validate everything."""
+    raw: dict[str, Any] = {}
+    for layer in layers:
+        raw = _merge(raw, layer)
+    errors: list[str] = []
+    cfg = _build(Config, raw, "", errors)
+    if not errors:
+        errors.extend(validate(cfg))
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every rule names the field, the value and what is allowed.
+
+
+def validate(cfg: Config) -> list[str]:
+    errors: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            errors.append(msg)
+
+    d, p, a = cfg.data, cfg.privacy, cfg.admm
+    need(bool(d.source), "data.source: must not be empty")
+    need("{text}" in d.prompt_template, f"data.prompt_template: got {d.prompt_template!r}, expected a template containing {{text}}")
+    need(len(d.verbalizers) >= 2, f"data.verbalizers: got {len(d.verbalizers)} label(s), expected at least 2")
+    for label, completion in d.verbalizers.items():
+        need(bool(completion.strip()), f"data.verbalizers.{label}: got {completion!r}, expected a non-empty completion")
+    if d.label_names is not None:
+        missing = [n for n in d.label_names if n not in d.verbalizers]
+        need(not missing, f"data.label_names: {missing} have no entry in data.verbalizers")
+    need(d.max_examples is None or d.max_examples >= 2, f"data.max_examples: got {d.max_examples}, expected >= 2 or null")
+    need(d.per_class is None or d.per_class >= 2, f"data.per_class: got {d.per_class}, expected >= 2 or null")
+    try:
+        d.generation_prefix.format(label="x")
+    except (KeyError, IndexError, ValueError):
+        errors.append(f"data.generation_prefix: got {d.generation_prefix!r}, expected a template whose only field is {{label}}")
+    try:
+        d.prompt_template.format(text="x")
+    except (KeyError, IndexError, ValueError):
+        errors.append(f"data.prompt_template: got {d.prompt_template!r}, expected a template whose only field is {{text}}")
+
+    need(cfg.model.dtype in DTYPES, f"model.dtype: got {cfg.model.dtype!r}, expected one of {DTYPES}")
+    need(cfg.model.device in ("auto", "cpu", "cuda") or cfg.model.device.startswith("cuda:"), f"model.device: got {cfg.model.device!r}, expected auto, cpu or cuda")
+
+    need(p.epsilon > 0, f"privacy.epsilon: got {p.epsilon}, expected > 0 (.inf for no noise)")
+    need(0 < p.delta < 1, f"privacy.delta: got {p.delta}, expected a value in (0, 1)")
+    need(p.clip_norm is None or p.clip_norm > 0, f"privacy.clip_norm: got {p.clip_norm}, expected > 0 or null")
+    need(not (p.clip_norm is None and math.isfinite(p.epsilon)), f"privacy.clip_norm: null (no clipping) is only allowed with privacy.epsilon = .inf, got epsilon {p.epsilon}")
+    need(p.adjacency in ADJACENCIES, f"privacy.adjacency: got {p.adjacency!r}, expected one of {ADJACENCIES}")
+
+    for name in ("targets", "solve"):
+        s = getattr(cfg, name)
+        need(s.min_actors >= 1, f"{name}.min_actors: got {s.min_actors}, expected >= 1")
+        need(s.max_actors >= s.min_actors, f"{name}.max_actors: got {s.max_actors}, expected >= {name}.min_actors ({s.min_actors})")
+        need(s.num_gpus == "auto" or (isinstance(s.num_gpus, float | int) and s.num_gpus >= 0), f"{name}.num_gpus: got {s.num_gpus!r}, expected auto or a number >= 0")
+        need(s.num_cpus > 0, f"{name}.num_cpus: got {s.num_cpus}, expected > 0")
+    need(cfg.targets.micro_batch_size >= 1, f"targets.micro_batch_size: got {cfg.targets.micro_batch_size}, expected >= 1")
+    need(cfg.targets.rows_per_partial >= cfg.targets.micro_batch_size, f"targets.rows_per_partial: got {cfg.targets.rows_per_partial}, expected >= targets.micro_batch_size")
+
+    need(a.num_tokens >= 1, f"admm.num_tokens: got {a.num_tokens}, expected >= 1")
+    need(a.outer_iters >= 1, f"admm.outer_iters: got {a.outer_iters}, expected >= 1")
+    need(a.inner_steps >= 1, f"admm.inner_steps: got {a.inner_steps}, expected >= 1")
+    need(a.lr > 0, f"admm.lr: got {a.lr}, expected > 0")
+    need(a.grad_clip > 0, f"admm.grad_clip: got {a.grad_clip}, expected > 0")
+    need(len(a.rho) >= 1 and all(r > 0 for r in a.rho), f"admm.rho: got {list(a.rho)}, expected one or more values > 0")
+    need(a.init_candidates >= 1, f"admm.init_candidates: got {a.init_candidates}, expected >= 1")
+    need(a.projection in PROJECTION_RULES, f"admm.projection: got {a.projection!r}, expected one of {PROJECTION_RULES}")
+    need(a.topk >= 1, f"admm.topk: got {a.topk}, expected >= 1")
+    need(cfg.solve.candidates_per_class >= 1, f"solve.candidates_per_class: got {cfg.solve.candidates_per_class}, expected >= 1")
+    need(cfg.solve.batch_size >= 1, f"solve.batch_size: got {cfg.solve.batch_size}, expected >= 1")
+
+    s = cfg.select
+    need(0 <= s.min_label_prob <= 1, f"select.min_label_prob: got {s.min_label_prob}, expected a value in [0, 1]")
+    need(s.per_class is None or s.per_class >= 1, f"select.per_class: got {s.per_class}, expected >= 1 or null")
+    need(s.ppl_weight >= 0, f"select.ppl_weight: got {s.ppl_weight}, expected >= 0")
+    need(s.batch_size >= 1, f"select.batch_size: got {s.batch_size}, expected >= 1")
+    for i, demo in enumerate(s.few_shot):
+        ok = set(demo) == {"text", "label"} and demo.get("label") in d.verbalizers
+        need(ok, f"select.few_shot[{i}]: got {demo!r}, expected {{text, label}} with a label from data.verbalizers")
+
+    need(bool(cfg.output), "output: must not be empty")
+    need(len(cfg.stages) >= 1 and all(st in STAGES for st in cfg.stages), f"stages: got {list(cfg.stages)}, expected one or more of {STAGES}")
+    return errors

@@ -1,0 +1,121 @@
+"""Runs the stages in order: validate everything, then targets -> solve -> select.
+
+All checks that can fail on user input (config, data, model, output directory) run in
+``prepare`` before Ray starts and before anything is written. A stage that already finished
+(its output exists under the same settings) is not re-run; stage 2 resumes item by item.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from gradmm_ray.config import Config
+from gradmm_ray.data import RealExamples, check_verbalizers, load_real_examples
+from gradmm_ray.lm import load_tokenizer, resolve_model_source
+from gradmm_ray.storage import RUN_FILE, OutputDir, check_output_dir
+
+
+@dataclass
+class Prepared:
+    cfg: Config
+    out: OutputDir
+    mode: str  # new | resume | overwrite
+    real: RealExamples | None  # only when stage 1 will run
+
+
+@dataclass
+class RunSummary:
+    output: str
+    mode: str
+    cluster: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, object] = field(default_factory=dict)
+    privacy: dict | None = None
+    files: list[str] = field(default_factory=list)
+
+
+def prepare(cfg: Config, *, overwrite: bool) -> Prepared:
+    """Every user-input check, in the order a user would fix them. Writes nothing."""
+    out = OutputDir(cfg.output)
+    mode = check_output_dir(out, cfg.fingerprint_dict(), overwrite=overwrite)
+    source = resolve_model_source(cfg.model.name)
+    tokenizer = load_tokenizer(source, cfg.model.revision, cfg.model.trust_remote_code)
+    check_verbalizers(tokenizer, cfg.data.verbalizers)
+    needs_targets = "targets" in cfg.stages and not (mode == "resume" and out.exists("targets.safetensors"))
+    if not needs_targets and not out.exists("targets.safetensors"):
+        from gradmm_ray.storage import OutputError
+
+        raise OutputError(f"output {out.uri!r} has no targets.safetensors: run the targets stage first (--stages targets,...)")
+    real = load_real_examples(cfg.data, cfg.seed) if needs_targets else None
+    return Prepared(cfg, out, mode, real)
+
+
+def run(prep: Prepared) -> RunSummary:
+    import ray
+
+    from gradmm_ray import report
+    from gradmm_ray.ray_env import actor_gpus, init_ray, quiet_ray_data
+    from gradmm_ray.select import SYNTHETIC_FILE, score_candidates, select_rows, synthetic_table
+    from gradmm_ray.solve import read_solves, run_solve
+    from gradmm_ray.targets import TARGETS_FILE, read_targets, run_targets
+
+    cfg, out = prep.cfg, prep.out
+    summary = RunSummary(output=out.uri, mode=prep.mode)
+    if prep.mode == "overwrite":
+        out.clear()
+    out.write_json(RUN_FILE, {"fingerprint": cfg.fingerprint_dict(), "config": cfg.to_dict()})
+    summary.cluster, started_ray = init_ray()
+    quiet_ray_data()
+    started = time.perf_counter()
+
+    if prep.real is not None:
+        summary.counts["real_rows_read"] = prep.real.rows_read
+        summary.counts["real_rows_used"] = dict(prep.real.counts)
+        gpus = actor_gpus(cfg.targets.num_gpus)
+        model_revision = _model_revision(cfg)
+        result = run_targets(prep.real, cfg, out, num_gpus=gpus, model_revision=model_revision)
+        summary.timings["targets"] = result.seconds
+        summary.files.append(TARGETS_FILE)
+    targets, record = read_targets(out)
+    summary.privacy = record["privacy"]
+
+    if "solve" in cfg.stages:
+        stats = run_solve(targets, cfg, out, num_gpus=actor_gpus(cfg.solve.num_gpus))
+        summary.timings["solve"] = stats.seconds
+        summary.counts["solve"] = {"work_items": stats.total, "already_done": stats.skipped, "solved_now": stats.solved}
+        summary.files.append("solves/")
+
+    if "select" in cfg.stages:
+        t0 = time.perf_counter()
+        solves = read_solves(out)
+        if solves is None:
+            from gradmm_ray.storage import OutputError
+
+            raise OutputError(f"output {out.uri!r} has no solves: run the solve stage first")
+        scored = score_candidates(solves, targets, cfg, num_gpus=actor_gpus(cfg.solve.num_gpus))
+        selection = select_rows(scored.to_pylist(), cfg.select, sorted(cfg.data.verbalizers))
+        out.write_parquet(SYNTHETIC_FILE, synthetic_table(selection.rows, cfg))
+        summary.timings["select"] = time.perf_counter() - t0
+        summary.counts["funnel"] = selection.funnel
+        summary.counts["selected"] = len(selection.rows)
+        summary.files.append(SYNTHETIC_FILE)
+        summary.files += report.write_report(out, cfg, scored, selection, record)
+
+    summary.timings["total"] = time.perf_counter() - started
+    report.write_manifest(out, cfg, summary, record)
+    summary.files.append(report.MANIFEST_FILE)
+    if started_ray:
+        ray.shutdown()
+    return summary
+
+
+def _model_revision(cfg: Config) -> str | None:
+    from transformers import AutoConfig
+
+    source = resolve_model_source(cfg.model.name)
+    try:
+        conf = AutoConfig.from_pretrained(source, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    except OSError:
+        return cfg.model.revision
+    return cfg.model.revision or getattr(conf, "_commit_hash", None)

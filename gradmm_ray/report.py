@@ -1,0 +1,201 @@
+"""What a run leaves for people: manifest.json, report.md with PNG plots, the printed summary."""
+
+from __future__ import annotations
+
+import io
+import platform
+import sys
+from importlib.metadata import PackageNotFoundError, version
+
+import numpy as np
+import pyarrow as pa
+
+from gradmm_ray.config import Config
+
+MANIFEST_FILE = "manifest.json"
+REPORT_FILE = "report.md"
+PACKAGES = ("gradmm-ray", "torch", "ray", "transformers", "tokenizers", "datasets", "pyarrow", "dp-accounting", "safetensors")
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def write_manifest(out, cfg: Config, summary, record: dict) -> None:
+    previous = out.read_json(MANIFEST_FILE) if out.exists(MANIFEST_FILE) else {}
+    timings = {**previous.get("timings_seconds", {}), **{k: round(v, 3) for k, v in summary.timings.items()}}
+    counts = {**previous.get("counts", {}), **summary.counts}
+    out.write_json(
+        MANIFEST_FILE,
+        {
+            "config": cfg.to_dict(),
+            "versions": package_versions(),
+            "model": record.get("model"),
+            "privacy": record.get("privacy"),
+            "timings_seconds": timings,
+            "counts": counts,
+            "cluster": summary.cluster,
+            "command": " ".join(sys.argv),
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_loss_distribution(scored: pa.Table, selected_ids: set[tuple[int, float]]):
+    import matplotlib.pyplot as plt
+
+    labels = sorted(set(scored.column("label").to_pylist()))
+    fig, axes = plt.subplots(1, len(labels), figsize=(4.2 * len(labels), 3.2), squeeze=False)
+    rows = scored.to_pylist()
+    all_losses = [r["match_loss"] for r in rows]
+    bins = np.linspace(min(all_losses), max(all_losses) + 1e-9, 16)
+    for ax, label in zip(axes[0], labels, strict=True):
+        cand = [r["match_loss"] for r in rows if r["label"] == label]
+        kept = [r["match_loss"] for r in rows if r["label"] == label and (r["synthetic_id"], r["rho"]) in selected_ids]
+        ax.hist(cand, bins=bins, alpha=0.5, label=f"candidates ({len(cand)})")
+        ax.hist(kept, bins=bins, alpha=0.8, label=f"selected ({len(kept)})")
+        ax.set_title(f"label: {label}")
+        ax.set_xlabel("matching loss (1 - cos)")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("examples")
+    return fig
+
+
+def plot_admm_curves(scored: pa.Table):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, column, title in (
+        (axes[0], "projected_loss_curve", "matching loss of the projection Z"),
+        (axes[1], "residual_curve", "primal residual ||X - Z||"),
+    ):
+        curves = scored.column(column).to_pylist()
+        width = min(len(c) for c in curves)
+        arr = np.array([c[:width] for c in curves])  # (examples, iterations)
+        x = np.arange(width)
+        med, lo, hi = np.median(arr, 0), np.percentile(arr, 25, 0), np.percentile(arr, 75, 0)
+        ax.plot(x, med, label="median")
+        ax.fill_between(x, lo, hi, alpha=0.3, label="25-75%")
+        ax.set_title(title)
+        ax.set_xlabel("outer iteration")
+        ax.legend(fontsize=8)
+    return fig
+
+
+def plot_funnel(funnel: list[dict]):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    steps = [f["step"] for f in funnel]
+    labels = sorted(funnel[0]["per_class"])
+    bottom = np.zeros(len(steps))
+    for label in labels:
+        vals = np.array([f["per_class"][label] for f in funnel])
+        ax.bar(steps, vals, bottom=bottom, label=label)
+        bottom += vals
+    ax.set_ylabel("rows")
+    ax.set_title("selection funnel")
+    ax.legend(fontsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    return fig
+
+
+def write_report(out, cfg: Config, scored: pa.Table, selection, record: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    selected_ids = {(r["synthetic_id"], r["rho"]) for r in selection.rows}
+    plots = {
+        "plots/match_loss.png": plot_loss_distribution(scored, selected_ids),
+        "plots/admm_curves.png": plot_admm_curves(scored),
+        "plots/funnel.png": plot_funnel(selection.funnel),
+    }
+    for rel, fig in plots.items():
+        out.write_bytes(rel, _png(fig))
+
+    p = record["privacy"]
+    lines = [
+        "# gradmm-ray report",
+        "",
+        f"Model `{cfg.model.name}`; {sum(p['n_per_class'].values())} real examples "
+        f"({', '.join(f'{k}: {v}' for k, v in p['n_per_class'].items())}) distilled into "
+        f"{len(selection.rows)} synthetic examples.",
+        "",
+        "## Privacy",
+        "",
+        f"(epsilon, delta) = ({p['epsilon']}, {p['delta']}), clip norm C = {p['clip_norm']}, "
+        f"noise multiplier z = {p['noise_multiplier']:.4g}, {p['adjacency']} adjacency. "
+        f"Noise std per target entry: {', '.join(f'{k}: {v:.3g}' for k, v in p['sigma_of_mean'].items())}. {p['note']}",
+        "",
+        "## Selection funnel",
+        "",
+        "| step | rows | " + " | ".join(sorted(selection.funnel[0]["per_class"])) + " |",
+        "|---|---|" + "---|" * len(selection.funnel[0]["per_class"]),
+    ]
+    for f in selection.funnel:
+        lines.append(f"| {f['step']} | {f['rows']} | " + " | ".join(str(f["per_class"][k]) for k in sorted(f["per_class"])) + " |")
+    lines += [
+        "",
+        "![funnel](plots/funnel.png)",
+        "",
+        "## Matching loss before and after selection",
+        "",
+        "![matching loss](plots/match_loss.png)",
+        "",
+        "## ADMM convergence",
+        "",
+        "Median and interquartile range over all candidates, per outer iteration.",
+        "",
+        "![ADMM curves](plots/admm_curves.png)",
+        "",
+        "## Selected examples",
+        "",
+        "| label | text | matching loss | log-ppl | label prob |",
+        "|---|---|---|---|---|",
+    ]
+    by_label: dict[str, list[dict]] = {}
+    for r in sorted(selection.rows, key=lambda r: r["match_loss"]):
+        by_label.setdefault(r["label"], []).append(r)
+    for label in sorted(by_label):
+        for r in by_label[label][:5]:
+            text = r["text"].replace("|", "\\|")
+            lines.append(f"| {label} | {text} | {r['match_loss']:.4f} | {r['log_ppl']:.3f} | {r['label_prob']:.3f} |")
+    out.write_text(REPORT_FILE, "\n".join(lines) + "\n")
+    return [REPORT_FILE, *plots]
+
+
+def format_summary(summary) -> str:
+    lines = [f"gradmm-ray: done ({summary.mode} run, {summary.cluster})", f"  output   {summary.output}"]
+    for f in summary.files:
+        lines.append(f"           {f}")
+    c = summary.counts
+    if "real_rows_used" in c:
+        lines.append(f"  real     {c['real_rows_read']} rows read, used {c['real_rows_used']}")
+    if "solve" in c:
+        s = c["solve"]
+        lines.append(f"  solve    {s['work_items']} work items: {s['solved_now']} solved now, {s['already_done']} already done")
+    if "funnel" in c:
+        lines.append("  select   " + " -> ".join(f"{f['step']} {f['rows']}" for f in c["funnel"]))
+    if summary.privacy:
+        p = summary.privacy
+        lines.append(f"  privacy  epsilon={p['epsilon']} delta={p['delta']} C={p['clip_norm']} z={p['noise_multiplier']:.4g} ({p['adjacency']})")
+    lines.append("  timings  " + ", ".join(f"{k} {v:.1f}s" for k, v in summary.timings.items()))
+    return "\n".join(lines)

@@ -1,0 +1,151 @@
+"""Stage 2 on Ray: work items -> an autoscaling pool of solver actors -> solves/*.parquet.
+
+A work item is (synthetic_id, label, rho, seed); its randomness comes from (seed, synthetic_id)
+only. Items stream through ``map_batches`` to actors that load the model once and get the
+released targets from the object store once. The driver writes each finished batch as its own
+Parquet file, atomically, so a killed actor, node or driver loses no finished solve and
+duplicates none: re-running the same command skips every (synthetic_id, rho) already written.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from gradmm_ray.admm import SequenceLayout, Target, solve_batch
+from gradmm_ray.config import Config
+from gradmm_ray.lm import load_causal_lm
+from gradmm_ray.projection import allowed_token_mask
+from gradmm_ray.storage import OutputDir
+
+SOLVES_DIR = "solves"
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    synthetic_id: int
+    label: str
+    rho: float
+    seed: int
+
+
+def work_items(labels: list[str], cfg: Config) -> list[WorkItem]:
+    """Every (synthetic_id, rho): ids are dense per label, in the sorted order of labels."""
+    per = cfg.solve.candidates_per_class
+    return [
+        WorkItem(k * per + j, label, float(rho), cfg.seed)
+        for k, label in enumerate(sorted(labels))
+        for j in range(per)
+        for rho in cfg.admm.rho
+    ]
+
+
+def pending_items(items: list[WorkItem], done: set[tuple[int, float]]) -> list[WorkItem]:
+    return [it for it in items if (it.synthetic_id, it.rho) not in done]
+
+
+def finished_keys(out: OutputDir) -> set[tuple[int, float]]:
+    """(synthetic_id, rho) of every solve already written."""
+    table = read_solves(out)
+    if table is None:
+        return set()
+    return set(zip(table.column("synthetic_id").to_pylist(), table.column("rho").to_pylist(), strict=True))
+
+
+def read_solves(out: OutputDir) -> pa.Table | None:
+    parts = out.list(SOLVES_DIR, ".parquet")
+    if not parts:
+        return None
+    return pa.concat_tables([out.read_parquet(p) for p in parts])
+
+
+class AdmmSolver:
+    """Ray Data actor: a batch of work items in, one row per solved item out."""
+
+    def __init__(self, cfg: Config, targets_ref: list):
+        import ray
+
+        m = cfg.model
+        self.lm = load_causal_lm(m.name, revision=m.revision, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
+        released = ray.get(targets_ref[0])  # once per actor, from the object store
+        dev = self.lm.device
+        self.targets = {
+            label: Target(t["weight"].to(dev), t["bias"].to(dev) if "bias" in t else None)
+            for label, t in released.items()
+        }
+        d = cfg.data
+        self.layouts = {
+            label: SequenceLayout.build(self.lm.tokenizer, d.prompt_template, d.verbalizers[label], d.generation_prefix.format(label=label))
+            for label in released
+        }
+        self.allowed = allowed_token_mask(self.lm.tokenizer, self.lm.vocab_size, word_like_only=cfg.admm.word_like_only)
+        self.admm = cfg.admm
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows: dict[str, list] = {k: [] for k in ("synthetic_id", "label", "rho", "seed", "token_ids", "text", "match_loss", "initial_match_loss", "best_iter", "loss_curve", "projected_loss_curve", "residual_curve", "solve_seconds")}
+        labels = [str(x) for x in batch["label"]]
+        for label in sorted(set(labels)):  # one label per solve: one layout, one target
+            idx = [i for i, lab in enumerate(labels) if lab == label]
+            seeds = {int(batch["seed"][i]) for i in idx}
+            for seed in sorted(seeds):
+                sub = [i for i in idx if int(batch["seed"][i]) == seed]
+                items = [(int(batch["synthetic_id"][i]), float(batch["rho"][i])) for i in sub]
+                for r in solve_batch(self.lm, self.layouts[label], self.targets[label], items, self.admm, seed=seed, allowed=self.allowed):
+                    rows["synthetic_id"].append(r.synthetic_id)
+                    rows["label"].append(label)
+                    rows["rho"].append(r.rho)
+                    rows["seed"].append(seed)
+                    rows["token_ids"].append(r.token_ids)
+                    rows["text"].append(self.lm.tokenizer.decode(r.token_ids, skip_special_tokens=True).strip())
+                    rows["match_loss"].append(r.match_loss)
+                    rows["initial_match_loss"].append(r.initial_match_loss)
+                    rows["best_iter"].append(r.best_iter)
+                    rows["loss_curve"].append(r.loss_curve)
+                    rows["projected_loss_curve"].append(r.projected_loss_curve)
+                    rows["residual_curve"].append(r.residual_curve)
+                    rows["solve_seconds"].append(r.seconds)
+        return rows
+
+
+@dataclass
+class SolveStats:
+    total: int
+    skipped: int
+    solved: int
+    seconds: float
+
+
+def run_solve(targets: dict[str, dict[str, torch.Tensor]], cfg: Config, out: OutputDir, *, num_gpus: float) -> SolveStats:
+    import ray
+    import ray.data
+
+    start = time.perf_counter()
+    items = work_items(list(targets), cfg)
+    todo = pending_items(items, finished_keys(out))
+    stats = SolveStats(total=len(items), skipped=len(items) - len(todo), solved=0, seconds=0.0)
+    if todo:
+        s = cfg.solve
+        targets_ref = ray.put(targets)
+        ds = ray.data.from_items([asdict(it) for it in todo], override_num_blocks=max(1, min(len(todo) // s.batch_size, 8 * s.max_actors)))
+        solved = ds.map_batches(
+            AdmmSolver,
+            fn_constructor_kwargs={"cfg": cfg, "targets_ref": [targets_ref]},
+            batch_size=s.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
+            num_gpus=num_gpus,
+            num_cpus=s.num_cpus,
+        )
+        with tqdm(total=len(items), initial=stats.skipped, desc="solve: synthetic examples", unit="ex") as bar:
+            for batch in solved.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                out.write_parquet(f"{SOLVES_DIR}/part-{uuid.uuid4().hex}.parquet", batch)
+                stats.solved += batch.num_rows
+                bar.update(batch.num_rows)
+    stats.seconds = time.perf_counter() - start
+    return stats
