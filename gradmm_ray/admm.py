@@ -45,11 +45,15 @@ class SequenceLayout:
     generation_ids: list[int]  # the label's generation prefix (projection only)
 
     @classmethod
-    def build(cls, tokenizer, template: str, completion: str, generation_prefix: str) -> SequenceLayout:
+    def build(
+        cls, tokenizer, template: str, completion: str, generation_prefix: str
+    ) -> SequenceLayout:
         before, after = template.split("{text}", 1)
         return cls(
             prefix_ids=list(tokenizer(before, add_special_tokens=True)["input_ids"]),
-            suffix_ids=list(tokenizer(after, add_special_tokens=False)["input_ids"]) if after else [],
+            suffix_ids=list(tokenizer(after, add_special_tokens=False)["input_ids"])
+            if after
+            else [],
             completion_ids=list(tokenizer(completion, add_special_tokens=False)["input_ids"]),
             generation_ids=list(tokenizer(generation_prefix, add_special_tokens=True)["input_ids"]),
         )
@@ -86,7 +90,9 @@ class MatchingObjective:
         dev = lm.device
         with torch.no_grad():
             self.prefix = emb(torch.tensor(layout.prefix_ids, device=dev))  # (p, d)
-            self.suffix = emb(torch.tensor(layout.suffix_ids, dtype=torch.long, device=dev))  # (s, d)
+            self.suffix = emb(
+                torch.tensor(layout.suffix_ids, dtype=torch.long, device=dev)
+            )  # (s, d)
             self.completion = emb(torch.tensor(layout.completion_ids, device=dev))  # (T, d)
         T = len(layout.completion_ids)
         self.n_fixed_before = len(layout.prefix_ids)
@@ -115,14 +121,21 @@ class MatchingObjective:
         hidden = self.lm.hidden_states(inputs_embeds=embeds, attention_mask=attention)
         start = self.n_fixed_before + n + self.n_after - 1  # predicts the first completion token
         A = hidden[:, start : start + self.T].float()  # (N, T, d)
-        B = logits_grad(head_logits(A, self.W, self.b), self.targets.expand(N, -1), self.mask.expand(N, -1), self.tail)
+        B = logits_grad(
+            head_logits(A, self.W, self.b),
+            self.targets.expand(N, -1),
+            self.mask.expand(N, -1),
+            self.tail,
+        )
         return match_loss(A, B, self.target.weight, self.target.bias)
 
     @torch.no_grad()
     def of_tokens(self, token_ids: Tensor, chunk: int = 64) -> Tensor:
         """Matching loss of token sequences (N, n), (N,)."""
         emb = self.lm.model.get_input_embeddings()
-        return torch.cat([self(emb(token_ids[i : i + chunk]).float()) for i in range(0, len(token_ids), chunk)])
+        return torch.cat(
+            [self(emb(token_ids[i : i + chunk]).float()) for i in range(0, len(token_ids), chunk)]
+        )
 
 
 def typical_embedding_norm(lm: CausalLM) -> float:
@@ -130,7 +143,15 @@ def typical_embedding_norm(lm: CausalLM) -> float:
 
 
 @torch.no_grad()
-def initial_embeddings(objective: MatchingObjective, seeds: list[int], *, num_tokens: int, candidates: int, norm: float, chunk: int = 64) -> Tensor:
+def initial_embeddings(
+    objective: MatchingObjective,
+    seeds: list[int],
+    *,
+    num_tokens: int,
+    candidates: int,
+    norm: float,
+    chunk: int = 64,
+) -> Tensor:
     """Per example: `candidates` random-normal draws rescaled to the typical token norm; keep the
     one with the lowest matching loss. (N, n, d)."""
     d = objective.W.shape[1]
@@ -169,7 +190,13 @@ def solve_batch(
     prefixes = [layout.generation_ids] * N
     emb = lm.model.get_input_embeddings()
 
-    X0 = initial_embeddings(objective, [example_seed(seed, sid) for sid, _ in items], num_tokens=cfg.num_tokens, candidates=cfg.init_candidates, norm=typical_embedding_norm(lm))
+    X0 = initial_embeddings(
+        objective,
+        [example_seed(seed, sid) for sid, _ in items],
+        num_tokens=cfg.num_tokens,
+        candidates=cfg.init_candidates,
+        norm=typical_embedding_norm(lm),
+    )
     X = X0.clone().requires_grad_(True)
     Lam = torch.zeros_like(X0)
     opt = torch.optim.Adam([X], lr=cfg.lr)
@@ -180,7 +207,9 @@ def solve_batch(
     best_fx = torch.full((N,), float("inf"), device=dev)
     for _ in range(cfg.outer_iters):
         with torch.no_grad():
-            tokens = project(lm, X.detach() + Lam / rho, prefixes, allowed, rule=cfg.projection, k=cfg.topk)
+            tokens = project(
+                lm, X.detach() + Lam / rho, prefixes, allowed, rule=cfg.projection, k=cfg.topk
+            )
             Z = emb(tokens).float()  # (N, n, d)
         projections.append(tokens)
         curves["fz"].append(objective.of_tokens(tokens).tolist())

@@ -37,15 +37,42 @@ EXIT_USER_ERROR = 2
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="distill.py", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file with any of the sections data, model, privacy, targets, admm, solve, select, audit")
-    p.add_argument("--data", help="real data: 'sample', a .jsonl/.csv/.parquet file or folder (local, s3://, gs://), a save_to_disk folder, or a hub dataset id (sets data.source)")
-    p.add_argument("--model", help="'tiny', a hub id (e.g. microsoft/phi-1_5), a local folder or an s3:// / gs:// folder (sets model.name)")
-    p.add_argument("--output", help="output directory, local or s3:// / gs:// (default outputs/demo)")
+    p = argparse.ArgumentParser(
+        prog="distill.py",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        help="YAML file with any of the sections data, model, privacy, targets, admm, solve, select, audit",
+    )
+    p.add_argument(
+        "--data",
+        help="real data: 'sample', a .jsonl/.csv/.parquet file or folder (local, s3://, gs://), a save_to_disk folder, or a hub dataset id (sets data.source)",
+    )
+    p.add_argument(
+        "--model",
+        help="'tiny', a hub id (e.g. microsoft/phi-1_5), a local folder or an s3:// / gs:// folder (sets model.name)",
+    )
+    p.add_argument(
+        "--output", help="output directory, local or s3:// / gs:// (default outputs/demo)"
+    )
     p.add_argument("--seed", type=int, help="seed for sampling, noise and every synthetic example")
     p.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)} (default: all)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config field; VALUE is YAML (.inf, 1e-4, true, [0.1, 1]); repeatable")
-    p.add_argument("--overwrite", action="store_true", help="replace an output directory that holds a different run")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any config field; VALUE is YAML (.inf, 1e-4, true, [0.1, 1]); repeatable",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an output directory that holds a different run",
+    )
     return p.parse_args(argv)
 
 

@@ -211,13 +211,12 @@ def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
         if isinstance(value, list | tuple):
             inner = args[0]
             return tuple(_coerce(v, inner, f"{where}[{i}]", errors) for i, v in enumerate(value))
-    elif origin is dict:
-        if isinstance(value, Mapping):
-            kt, vt = args
-            return {
-                _coerce(k, kt, f"{where} key", errors): _coerce(v, vt, f"{where}.{k}", errors)
-                for k, v in value.items()
-            }
+    elif origin is dict and isinstance(value, Mapping):
+        kt, vt = args
+        return {
+            _coerce(k, kt, f"{where} key", errors): _coerce(v, vt, f"{where}.{k}", errors)
+            for k, v in value.items()
+        }
     errors.append(f"{where}: got {value!r}, expected {_type_name(tp)}")
     return None
 
@@ -280,7 +279,9 @@ def parse_override(text: str) -> dict[str, Any]:
     try:
         value = yaml.safe_load(raw_value) if raw_value.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML ({e.__class__.__name__})")
+        raise ConfigError(
+            f"--set {text!r}: value is not valid YAML ({e.__class__.__name__})"
+        ) from None
     nested: dict[str, Any] = {keys[-1]: value}
     for k in reversed(keys[:-1]):
         nested = {k: nested}
@@ -294,7 +295,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}".splitlines()[0])
+        raise ConfigError(
+            f"config file {str(p)!r} is not valid YAML: {e}".splitlines()[0]
+        ) from None
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config file {str(p)!r}: expected a mapping at the top level")
     return dict(raw)
@@ -327,63 +330,129 @@ def validate(cfg: Config) -> list[str]:
 
     d, p, a = cfg.data, cfg.privacy, cfg.admm
     need(bool(d.source), "data.source: must not be empty")
-    need("{text}" in d.prompt_template, f"data.prompt_template: got {d.prompt_template!r}, expected a template containing {{text}}")
-    need(len(d.verbalizers) >= 2, f"data.verbalizers: got {len(d.verbalizers)} label(s), expected at least 2")
+    need(
+        "{text}" in d.prompt_template,
+        f"data.prompt_template: got {d.prompt_template!r}, expected a template containing {{text}}",
+    )
+    need(
+        len(d.verbalizers) >= 2,
+        f"data.verbalizers: got {len(d.verbalizers)} label(s), expected at least 2",
+    )
     for label, completion in d.verbalizers.items():
-        need(bool(completion.strip()), f"data.verbalizers.{label}: got {completion!r}, expected a non-empty completion")
+        need(
+            bool(completion.strip()),
+            f"data.verbalizers.{label}: got {completion!r}, expected a non-empty completion",
+        )
     if d.label_names is not None:
         missing = [n for n in d.label_names if n not in d.verbalizers]
         need(not missing, f"data.label_names: {missing} have no entry in data.verbalizers")
-    need(d.max_examples is None or d.max_examples >= 2, f"data.max_examples: got {d.max_examples}, expected >= 2 or null")
-    need(d.per_class is None or d.per_class >= 2, f"data.per_class: got {d.per_class}, expected >= 2 or null")
+    need(
+        d.max_examples is None or d.max_examples >= 2,
+        f"data.max_examples: got {d.max_examples}, expected >= 2 or null",
+    )
+    need(
+        d.per_class is None or d.per_class >= 2,
+        f"data.per_class: got {d.per_class}, expected >= 2 or null",
+    )
     try:
         d.generation_prefix.format(label="x")
     except (KeyError, IndexError, ValueError):
-        errors.append(f"data.generation_prefix: got {d.generation_prefix!r}, expected a template whose only field is {{label}}")
+        errors.append(
+            f"data.generation_prefix: got {d.generation_prefix!r}, expected a template whose only field is {{label}}"
+        )
     try:
         d.prompt_template.format(text="x")
     except (KeyError, IndexError, ValueError):
-        errors.append(f"data.prompt_template: got {d.prompt_template!r}, expected a template whose only field is {{text}}")
+        errors.append(
+            f"data.prompt_template: got {d.prompt_template!r}, expected a template whose only field is {{text}}"
+        )
 
-    need(cfg.model.dtype in DTYPES, f"model.dtype: got {cfg.model.dtype!r}, expected one of {DTYPES}")
-    need(cfg.model.device in ("auto", "cpu", "cuda") or cfg.model.device.startswith("cuda:"), f"model.device: got {cfg.model.device!r}, expected auto, cpu or cuda")
+    need(
+        cfg.model.dtype in DTYPES, f"model.dtype: got {cfg.model.dtype!r}, expected one of {DTYPES}"
+    )
+    need(
+        cfg.model.device in ("auto", "cpu", "cuda") or cfg.model.device.startswith("cuda:"),
+        f"model.device: got {cfg.model.device!r}, expected auto, cpu or cuda",
+    )
 
     need(p.epsilon > 0, f"privacy.epsilon: got {p.epsilon}, expected > 0 (.inf for no noise)")
     need(0 < p.delta < 1, f"privacy.delta: got {p.delta}, expected a value in (0, 1)")
-    need(p.clip_norm is None or p.clip_norm > 0, f"privacy.clip_norm: got {p.clip_norm}, expected > 0 or null")
-    need(not (p.clip_norm is None and math.isfinite(p.epsilon)), f"privacy.clip_norm: null (no clipping) is only allowed with privacy.epsilon = .inf, got epsilon {p.epsilon}")
-    need(p.adjacency in ADJACENCIES, f"privacy.adjacency: got {p.adjacency!r}, expected one of {ADJACENCIES}")
+    need(
+        p.clip_norm is None or p.clip_norm > 0,
+        f"privacy.clip_norm: got {p.clip_norm}, expected > 0 or null",
+    )
+    need(
+        not (p.clip_norm is None and math.isfinite(p.epsilon)),
+        f"privacy.clip_norm: null (no clipping) is only allowed with privacy.epsilon = .inf, got epsilon {p.epsilon}",
+    )
+    need(
+        p.adjacency in ADJACENCIES,
+        f"privacy.adjacency: got {p.adjacency!r}, expected one of {ADJACENCIES}",
+    )
 
     for name in ("targets", "solve"):
         s = getattr(cfg, name)
         need(s.min_actors >= 1, f"{name}.min_actors: got {s.min_actors}, expected >= 1")
-        need(s.max_actors >= s.min_actors, f"{name}.max_actors: got {s.max_actors}, expected >= {name}.min_actors ({s.min_actors})")
-        need(s.num_gpus == "auto" or (isinstance(s.num_gpus, float | int) and s.num_gpus >= 0), f"{name}.num_gpus: got {s.num_gpus!r}, expected auto or a number >= 0")
+        need(
+            s.max_actors >= s.min_actors,
+            f"{name}.max_actors: got {s.max_actors}, expected >= {name}.min_actors ({s.min_actors})",
+        )
+        need(
+            s.num_gpus == "auto" or (isinstance(s.num_gpus, float | int) and s.num_gpus >= 0),
+            f"{name}.num_gpus: got {s.num_gpus!r}, expected auto or a number >= 0",
+        )
         need(s.num_cpus > 0, f"{name}.num_cpus: got {s.num_cpus}, expected > 0")
-    need(cfg.targets.micro_batch_size >= 1, f"targets.micro_batch_size: got {cfg.targets.micro_batch_size}, expected >= 1")
-    need(cfg.targets.rows_per_partial >= cfg.targets.micro_batch_size, f"targets.rows_per_partial: got {cfg.targets.rows_per_partial}, expected >= targets.micro_batch_size")
+    need(
+        cfg.targets.micro_batch_size >= 1,
+        f"targets.micro_batch_size: got {cfg.targets.micro_batch_size}, expected >= 1",
+    )
+    need(
+        cfg.targets.rows_per_partial >= cfg.targets.micro_batch_size,
+        f"targets.rows_per_partial: got {cfg.targets.rows_per_partial}, expected >= targets.micro_batch_size",
+    )
 
     need(a.num_tokens >= 1, f"admm.num_tokens: got {a.num_tokens}, expected >= 1")
     need(a.outer_iters >= 1, f"admm.outer_iters: got {a.outer_iters}, expected >= 1")
     need(a.inner_steps >= 1, f"admm.inner_steps: got {a.inner_steps}, expected >= 1")
     need(a.lr > 0, f"admm.lr: got {a.lr}, expected > 0")
     need(a.grad_clip > 0, f"admm.grad_clip: got {a.grad_clip}, expected > 0")
-    need(len(a.rho) >= 1 and all(r > 0 for r in a.rho), f"admm.rho: got {list(a.rho)}, expected one or more values > 0")
+    need(
+        len(a.rho) >= 1 and all(r > 0 for r in a.rho),
+        f"admm.rho: got {list(a.rho)}, expected one or more values > 0",
+    )
     need(a.init_candidates >= 1, f"admm.init_candidates: got {a.init_candidates}, expected >= 1")
-    need(a.projection in PROJECTION_RULES, f"admm.projection: got {a.projection!r}, expected one of {PROJECTION_RULES}")
+    need(
+        a.projection in PROJECTION_RULES,
+        f"admm.projection: got {a.projection!r}, expected one of {PROJECTION_RULES}",
+    )
     need(a.topk >= 1, f"admm.topk: got {a.topk}, expected >= 1")
-    need(cfg.solve.candidates_per_class >= 1, f"solve.candidates_per_class: got {cfg.solve.candidates_per_class}, expected >= 1")
+    need(
+        cfg.solve.candidates_per_class >= 1,
+        f"solve.candidates_per_class: got {cfg.solve.candidates_per_class}, expected >= 1",
+    )
     need(cfg.solve.batch_size >= 1, f"solve.batch_size: got {cfg.solve.batch_size}, expected >= 1")
 
     s = cfg.select
-    need(0 <= s.min_label_prob <= 1, f"select.min_label_prob: got {s.min_label_prob}, expected a value in [0, 1]")
-    need(s.per_class is None or s.per_class >= 1, f"select.per_class: got {s.per_class}, expected >= 1 or null")
+    need(
+        0 <= s.min_label_prob <= 1,
+        f"select.min_label_prob: got {s.min_label_prob}, expected a value in [0, 1]",
+    )
+    need(
+        s.per_class is None or s.per_class >= 1,
+        f"select.per_class: got {s.per_class}, expected >= 1 or null",
+    )
     need(s.ppl_weight >= 0, f"select.ppl_weight: got {s.ppl_weight}, expected >= 0")
     need(s.batch_size >= 1, f"select.batch_size: got {s.batch_size}, expected >= 1")
     for i, demo in enumerate(s.few_shot):
         ok = set(demo) == {"text", "label"} and demo.get("label") in d.verbalizers
-        need(ok, f"select.few_shot[{i}]: got {demo!r}, expected {{text, label}} with a label from data.verbalizers")
+        need(
+            ok,
+            f"select.few_shot[{i}]: got {demo!r}, expected {{text, label}} with a label from data.verbalizers",
+        )
 
     need(bool(cfg.output), "output: must not be empty")
-    need(len(cfg.stages) >= 1 and all(st in STAGES for st in cfg.stages), f"stages: got {list(cfg.stages)}, expected one or more of {STAGES}")
+    need(
+        len(cfg.stages) >= 1 and all(st in STAGES for st in cfg.stages),
+        f"stages: got {list(cfg.stages)}, expected one or more of {STAGES}",
+    )
     return errors

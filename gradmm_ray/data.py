@@ -45,7 +45,9 @@ class DataError(ValueError):
 
 def sample_data_path(split: str = "train") -> Path:
     if split not in SAMPLE_SPLITS:
-        raise DataError(f"data.split: got {split!r} for the bundled sample, expected one of {sorted(SAMPLE_SPLITS)}")
+        raise DataError(
+            f"data.split: got {split!r} for the bundled sample, expected one of {sorted(SAMPLE_SPLITS)}"
+        )
     return Path(str(resources.files("gradmm_ray") / "sample_data" / SAMPLE_SPLITS[split]))
 
 
@@ -114,7 +116,9 @@ def _read_path(source: str) -> pa.Table:
             if f.type == pafs.FileType.File and Path(f.path).suffix.lower() in FILE_FORMATS
         ]
         if not files:
-            raise DataError(f"data.source {source!r}: folder holds no .jsonl, .json, .csv or .parquet files")
+            raise DataError(
+                f"data.source {source!r}: folder holds no .jsonl, .json, .csv or .parquet files"
+            )
         tables = [
             _read_file(fs, f.path, FILE_FORMATS[Path(f.path).suffix.lower()], f.path)
             for f in sorted(files, key=lambda f: f.path)
@@ -122,10 +126,14 @@ def _read_path(source: str) -> pa.Table:
         try:
             return pa.concat_tables(tables, promote_options="permissive")
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-            raise DataError(f"data.source {source!r}: files have incompatible columns ({_first_line(e)})") from None
+            raise DataError(
+                f"data.source {source!r}: files have incompatible columns ({_first_line(e)})"
+            ) from None
     fmt = FILE_FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
-        raise DataError(f"data.source {source!r}: unknown file format {Path(path).suffix!r}, expected one of {sorted(FILE_FORMATS)}")
+        raise DataError(
+            f"data.source {source!r}: unknown file format {Path(path).suffix!r}, expected one of {sorted(FILE_FORMATS)}"
+        )
     return _read_file(fs, path, fmt, source)
 
 
@@ -141,7 +149,9 @@ def _hf_to_table(ds, source: str, split: str | None) -> pa.Table:
 
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise DataError(f"data.source {source!r}: split {split!r} not found (splits: {', '.join(ds)}); set data.split")
+            raise DataError(
+                f"data.source {source!r}: split {split!r} not found (splits: {', '.join(ds)}); set data.split"
+            )
         ds = ds[split]
     table = ds.data.table if hasattr(ds.data, "table") else ds.with_format("arrow")[:]
     # Integer labels with ClassLabel names: keep the names with the table.
@@ -211,16 +221,23 @@ def _class_names(table: pa.Table, column: str, cfg: DataConfig) -> Sequence[str]
 def validate_table(table: pa.Table, cfg: DataConfig, shown: str) -> pa.Table:
     """Check columns and every row; return (row, text, label-name) or raise DataError."""
     columns = table.column_names
-    for key, col in (("data.text_column", cfg.text_column), ("data.label_column", cfg.label_column)):
+    for key, col in (
+        ("data.text_column", cfg.text_column),
+        ("data.label_column", cfg.label_column),
+    ):
         if col not in columns:
-            raise DataError(f"{shown}: column {col!r} not found (columns: {', '.join(columns)}); set {key}")
+            raise DataError(
+                f"{shown}: column {col!r} not found (columns: {', '.join(columns)}); set {key}"
+            )
     if table.num_rows == 0:
         raise DataError(f"{shown}: the dataset is empty (0 rows)")
 
     text = table.column(cfg.text_column)
     if not pa.types.is_string(text.type) and not pa.types.is_large_string(text.type):
         first = next((v for v in text.to_pylist() if v is not None), None)
-        raise DataError(f"{shown}: column {cfg.text_column!r} holds {text.type} values (e.g. {first!r}), expected strings")
+        raise DataError(
+            f"{shown}: column {cfg.text_column!r} holds {text.type} values (e.g. {first!r}), expected strings"
+        )
     texts = text.to_pylist()
     for i, t in enumerate(texts):
         if t is None or not t.strip():
@@ -232,22 +249,34 @@ def validate_table(table: pa.Table, cfg: DataConfig, shown: str) -> pa.Table:
     if pa.types.is_integer(label.type):
         names = _class_names(table, cfg.label_column, cfg)
         if names is None:
-            raise DataError(f"{shown}: column {cfg.label_column!r} holds integer labels; set data.label_names to name them (e.g. [negative, positive])")
+            raise DataError(
+                f"{shown}: column {cfg.label_column!r} holds integer labels; set data.label_names to name them (e.g. [negative, positive])"
+            )
         labels = []
         for i, v in enumerate(raw_labels):
             if v is None or not 0 <= v < len(names):
-                raise DataError(f"{shown} row {i}: label {v!r} is outside data.label_names (0..{len(names) - 1})")
+                raise DataError(
+                    f"{shown} row {i}: label {v!r} is outside data.label_names (0..{len(names) - 1})"
+                )
             labels.append(names[v])
     elif pa.types.is_string(label.type) or pa.types.is_large_string(label.type):
         labels = raw_labels
         if cfg.label_names is not None:
             known = [n for n in known if n in cfg.label_names]
     else:
-        raise DataError(f"{shown}: column {cfg.label_column!r} holds {label.type} values, expected strings or integers")
+        raise DataError(
+            f"{shown}: column {cfg.label_column!r} holds {label.type} values, expected strings or integers"
+        )
     for i, lab in enumerate(labels):
         if lab not in known:
-            where = "data.label_names" if cfg.label_names is not None and lab not in cfg.label_names else "data.verbalizers"
-            raise DataError(f"{shown} row {i}: label {lab!r} has no entry in {where} (known: {', '.join(known)})")
+            where = (
+                "data.label_names"
+                if cfg.label_names is not None and lab not in cfg.label_names
+                else "data.verbalizers"
+            )
+            raise DataError(
+                f"{shown} row {i}: label {lab!r} has no entry in {where} (known: {', '.join(known)})"
+            )
 
     return pa.table(
         {
@@ -258,12 +287,16 @@ def validate_table(table: pa.Table, cfg: DataConfig, shown: str) -> pa.Table:
     )
 
 
-def stratified_sample(labels: Sequence[str], *, per_class: int | None, max_examples: int | None, seed: int) -> np.ndarray:
+def stratified_sample(
+    labels: Sequence[str], *, per_class: int | None, max_examples: int | None, seed: int
+) -> np.ndarray:
     """Indices of a seeded, stratified sample (sorted). ``per_class`` caps each class;
     ``max_examples`` then shrinks classes in proportion (largest remainder), keeping >= 2 each."""
     rng = np.random.default_rng(seed)
     labels_arr = np.asarray(labels)
-    by_class = {lab: rng.permutation(np.flatnonzero(labels_arr == lab)) for lab in sorted(set(labels))}
+    by_class = {
+        lab: rng.permutation(np.flatnonzero(labels_arr == lab)) for lab in sorted(set(labels))
+    }
     if per_class is not None:
         by_class = {lab: idx[:per_class] for lab, idx in by_class.items()}
     total = sum(len(idx) for idx in by_class.values())
@@ -285,14 +318,24 @@ def load_real_examples(cfg: DataConfig, seed: int) -> RealExamples:
     """Read, validate and sample the real data; raise DataError naming any problem."""
     raw, shown = read_table(cfg)
     table = validate_table(raw, cfg, shown)
-    idx = stratified_sample(table.column("label").to_pylist(), per_class=cfg.per_class, max_examples=cfg.max_examples, seed=seed)
+    idx = stratified_sample(
+        table.column("label").to_pylist(),
+        per_class=cfg.per_class,
+        max_examples=cfg.max_examples,
+        seed=seed,
+    )
     table = table.take(pa.array(idx))
     counts = {lab: 0 for lab in cfg.verbalizers}
-    for lab, n in zip(*np.unique(table.column("label").to_numpy(zero_copy_only=False), return_counts=True), strict=True):
+    for lab, n in zip(
+        *np.unique(table.column("label").to_numpy(zero_copy_only=False), return_counts=True),
+        strict=True,
+    ):
         counts[str(lab)] = int(n)
     for lab, n in counts.items():
         if n < 2:
-            raise DataError(f"{shown}: class {lab!r} has {n} example(s) after sampling, expected at least 2")
+            raise DataError(
+                f"{shown}: class {lab!r} has {n} example(s) after sampling, expected at least 2"
+            )
     return RealExamples(table=table, source_name=shown, counts=counts, rows_read=raw.num_rows)
 
 
@@ -317,13 +360,18 @@ def encode_pair(tokenizer, prompt: str, completion: str) -> tuple[list[int], int
 
 def check_verbalizers(tokenizer, verbalizers: dict[str, str]) -> dict[str, list[int]]:
     """Completion ids per label; each must be non-empty and distinct from the others."""
-    ids = {lab: list(tokenizer(c, add_special_tokens=False)["input_ids"]) for lab, c in verbalizers.items()}
+    ids = {
+        lab: list(tokenizer(c, add_special_tokens=False)["input_ids"])
+        for lab, c in verbalizers.items()
+    }
     for lab, toks in ids.items():
         if not toks:
             raise DataError(f"data.verbalizers.{lab}: {verbalizers[lab]!r} tokenises to no tokens")
     seen: dict[tuple[int, ...], str] = {}
     for lab, toks in ids.items():
         if tuple(toks) in seen:
-            raise DataError(f"data.verbalizers: {lab!r} and {seen[tuple(toks)]!r} tokenise to the same ids {toks}")
+            raise DataError(
+                f"data.verbalizers: {lab!r} and {seen[tuple(toks)]!r} tokenise to the same ids {toks}"
+            )
         seen[tuple(toks)] = lab
     return ids

@@ -25,7 +25,9 @@ import torch
 from torch import Tensor
 
 
-def logits_grad(logits: Tensor, targets: Tensor, mask: Tensor, tail: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+def logits_grad(
+    logits: Tensor, targets: Tensor, mask: Tensor, tail: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """B = ∂(mean CE over each example's unmasked positions)/∂(raw head output), (N, T, V) fp32.
 
     ``tail`` is the model's post-processing of raw head outputs (soft-capping, scaling); when
@@ -89,7 +91,9 @@ def clipped_head_grad_sum(A: Tensor, B: Tensor, factors: Tensor) -> tuple[Tensor
     return scaled_b.T @ flat_a, scaled_b.sum(dim=0)
 
 
-def head_grad_cosines(A: Tensor, B: Tensor, G_W: Tensor, G_b: Tensor | None, eps: float = 1e-12) -> Tensor:
+def head_grad_cosines(
+    A: Tensor, B: Tensor, G_W: Tensor, G_b: Tensor | None, eps: float = 1e-12
+) -> Tensor:
     """cos(g_W, G_W) and, when G_b is given, cos(g_b, G_b) per example: (N, 1 or 2).
 
     Differentiable in A and B without forming g_W; G_W (V, d) is one shared target."""

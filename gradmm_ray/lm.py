@@ -70,7 +70,9 @@ def _copy_remote_folder(uri: str) -> Path:
         if fs.get_file_info(path).type != pafs.FileType.Directory:
             raise ModelError(f"model.name {uri!r}: no such folder")
         tmp = Path(tempfile.mkdtemp(dir=_ensure(dest.parent)))
-        pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        pafs.copy_files(
+            path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+        )
     except OSError as e:
         raise ModelError(f"model.name {uri!r}: cannot copy ({str(e).splitlines()[0]})") from None
     (tmp / ".complete").touch()
@@ -141,7 +143,13 @@ class CausalLM:
         b = self.head.bias.detach().float() if self.has_head_bias else None
         return w, b
 
-    def hidden_states(self, *, attention_mask: Tensor, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
+    def hidden_states(
+        self,
+        *,
+        attention_mask: Tensor,
+        input_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+    ) -> Tensor:
         """The hidden states fed to the LM head, (N, L, d): the base model's last hidden state
         (it includes the final norm in every Hugging Face causal LM)."""
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -154,13 +162,17 @@ class CausalLM:
         )
         return out.last_hidden_state
 
-    def completion_states(self, pairs: list[tuple[list[int], int]]) -> tuple[Tensor, Tensor, Tensor]:
+    def completion_states(
+        self, pairs: list[tuple[list[int], int]]
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Head inputs at the loss positions of token pairs (ids, prompt length).
 
         Returns A (N, T, d) in fp32, the completion targets (N, T) and a mask (N, T), T the longest
         completion; position t of a completion is predicted from hidden state n_prompt - 1 + t."""
         ids, attention, positions, targets, mask = pad_pairs(pairs, self.tokenizer.pad_token_id)
-        hidden = self.hidden_states(input_ids=ids.to(self.device), attention_mask=attention.to(self.device))
+        hidden = self.hidden_states(
+            input_ids=ids.to(self.device), attention_mask=attention.to(self.device)
+        )
         positions = positions.to(self.device)
         A = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (N, T, d)
         mask = mask.to(self.device)
@@ -184,7 +196,9 @@ def pad_pairs(pairs: list[tuple[list[int], int]], pad_id: int) -> tuple[Tensor, 
     for i, (ids, n_prompt) in enumerate(pairs):
         t = len(ids) - n_prompt
         if n_prompt < 1 or t < 1:
-            raise AssertionError(f"Internal error: pair {i} has prompt length {n_prompt}, completion length {t}")
+            raise AssertionError(
+                f"Internal error: pair {i} has prompt length {n_prompt}, completion length {t}"
+            )
         input_ids[i, : len(ids)] = torch.tensor(ids)
         attention[i, : len(ids)] = 1
         positions[i, :t] = torch.arange(n_prompt - 1, len(ids) - 1)
@@ -219,13 +233,22 @@ def logits_tail_for(config) -> Callable[[Tensor], Tensor] | None:
 def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(
+        source, revision=revision, trust_remote_code=trust_remote_code
+    )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
 
 
-def load_causal_lm(name: str, *, revision: str | None = None, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False) -> CausalLM:
+def load_causal_lm(
+    name: str,
+    *,
+    revision: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+) -> CausalLM:
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_source(name)
@@ -240,7 +263,9 @@ def load_causal_lm(name: str, *, revision: str | None = None, dtype: str = "auto
         raise ModelError(f"model.name {name!r}: cannot load ({str(e).splitlines()[0]})") from None
     model.to(dev).eval().requires_grad_(False)
     if model.get_output_embeddings() is None:
-        raise ModelError(f"model.name {name!r}: the model has no LM head (get_output_embeddings() is None)")
+        raise ModelError(
+            f"model.name {name!r}: the model has no LM head (get_output_embeddings() is None)"
+        )
     return CausalLM(model, tokenizer, name, _revision_of(model, revision), dev, torch_dtype)
 
 
@@ -253,11 +278,77 @@ def _revision_of(model, revision: str | None) -> str | None:
 # reviews, briefly pre-trained on a public, generated review corpus so that its top-k choices
 # read like (simple) English. Deterministic for a given machine and torch build.
 
-_SUBJECTS = ["the acting", "the script", "the plot", "the score", "the ending", "the cast", "the pacing", "the dialogue", "the camera work", "this film", "this movie", "the story", "the lead", "the humor", "the editing", "the music", "the effects", "the sequel", "the finale", "the characters"]
-_POSITIVE = ["wonderful", "brilliant", "moving", "delightful", "superb", "charming", "gripping", "beautiful", "clever", "funny", "warm", "stunning", "fresh", "tender", "sharp", "great"]
-_NEGATIVE = ["dull", "awful", "boring", "clumsy", "tedious", "weak", "messy", "lifeless", "silly", "flat", "bland", "painful", "stale", "cheap", "lazy", "bad"]
+_SUBJECTS = [
+    "the acting",
+    "the script",
+    "the plot",
+    "the score",
+    "the ending",
+    "the cast",
+    "the pacing",
+    "the dialogue",
+    "the camera work",
+    "this film",
+    "this movie",
+    "the story",
+    "the lead",
+    "the humor",
+    "the editing",
+    "the music",
+    "the effects",
+    "the sequel",
+    "the finale",
+    "the characters",
+]
+_POSITIVE = [
+    "wonderful",
+    "brilliant",
+    "moving",
+    "delightful",
+    "superb",
+    "charming",
+    "gripping",
+    "beautiful",
+    "clever",
+    "funny",
+    "warm",
+    "stunning",
+    "fresh",
+    "tender",
+    "sharp",
+    "great",
+]
+_NEGATIVE = [
+    "dull",
+    "awful",
+    "boring",
+    "clumsy",
+    "tedious",
+    "weak",
+    "messy",
+    "lifeless",
+    "silly",
+    "flat",
+    "bland",
+    "painful",
+    "stale",
+    "cheap",
+    "lazy",
+    "bad",
+]
 _ADVERBS = ["truly", "really", "simply", "quite", "utterly", "very", "so", "rather"]
-_NOUNS = ["film", "movie", "story", "ride", "mess", "picture", "debut", "comedy", "drama", "thriller"]
+_NOUNS = [
+    "film",
+    "movie",
+    "story",
+    "ride",
+    "mess",
+    "picture",
+    "debut",
+    "comedy",
+    "drama",
+    "thriller",
+]
 _SHAPES = [
     "{s} was {a} {j}.",
     "{s} is {j} and {j2}.",
@@ -279,7 +370,9 @@ def tiny_corpus(n: int = 3000, seed: int = 0) -> list[tuple[str, str]]:
         words = _POSITIVE if label == "positive" else _NEGATIVE
         s, s2 = rng.sample(_SUBJECTS, 2)
         j, j2 = rng.sample(words, 2)
-        text = rng.choice(_SHAPES).format(s=s, s2=s2, a=rng.choice(_ADVERBS), j=j, j2=j2, n=rng.choice(_NOUNS))
+        text = rng.choice(_SHAPES).format(
+            s=s, s2=s2, a=rng.choice(_ADVERBS), j=j, j2=j2, n=rng.choice(_NOUNS)
+        )
         out.append((text[0].upper() + text[1:], label))
     return out
 
@@ -331,7 +424,13 @@ def build_tiny_model(dest: Path, *, vocab_size: int = 1024, pretrain_steps: int 
     from tokenizers import processors
 
     bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
     tok.save_pretrained(dest)
 
     config = LlamaConfig(
@@ -363,10 +462,14 @@ def _seeded(seed: int):
         torch.random.set_rng_state(state)
 
 
-def _pretrain(model, tok, lines: list[str], *, steps: int, batch: int = 32, lr: float = 3e-3) -> None:
+def _pretrain(
+    model, tok, lines: list[str], *, steps: int, batch: int = 32, lr: float = 3e-3
+) -> None:
     rng = random.Random(0)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
     model.train()
     for _ in range(steps):
         enc = tok(rng.sample(lines, batch), padding=True, return_tensors="pt")

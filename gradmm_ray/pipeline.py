@@ -42,11 +42,15 @@ def prepare(cfg: Config, *, overwrite: bool) -> Prepared:
     source = resolve_model_source(cfg.model.name)
     tokenizer = load_tokenizer(source, cfg.model.revision, cfg.model.trust_remote_code)
     check_verbalizers(tokenizer, cfg.data.verbalizers)
-    needs_targets = "targets" in cfg.stages and not (mode == "resume" and out.exists("targets.safetensors"))
+    needs_targets = "targets" in cfg.stages and not (
+        mode == "resume" and out.exists("targets.safetensors")
+    )
     if not needs_targets and not out.exists("targets.safetensors"):
         from gradmm_ray.storage import OutputError
 
-        raise OutputError(f"output {out.uri!r} has no targets.safetensors: run the targets stage first (--stages targets,...)")
+        raise OutputError(
+            f"output {out.uri!r} has no targets.safetensors: run the targets stage first (--stages targets,...)"
+        )
     real = load_real_examples(cfg.data, cfg.seed) if needs_targets else None
     return Prepared(cfg, out, mode, real)
 
@@ -83,7 +87,11 @@ def run(prep: Prepared) -> RunSummary:
     if "solve" in cfg.stages:
         stats = run_solve(targets, cfg, out, num_gpus=actor_gpus(cfg.solve.num_gpus))
         summary.timings["solve"] = stats.seconds
-        summary.counts["solve"] = {"work_items": stats.total, "already_done": stats.skipped, "solved_now": stats.solved}
+        summary.counts["solve"] = {
+            "work_items": stats.total,
+            "already_done": stats.skipped,
+            "solved_now": stats.solved,
+        }
         summary.files.append("solves/")
 
     if "select" in cfg.stages:
@@ -115,7 +123,9 @@ def _model_revision(cfg: Config) -> str | None:
 
     source = resolve_model_source(cfg.model.name)
     try:
-        conf = AutoConfig.from_pretrained(source, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+        conf = AutoConfig.from_pretrained(
+            source, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        )
     except OSError:
         return cfg.model.revision
     return cfg.model.revision or getattr(conf, "_commit_hash", None)

@@ -68,7 +68,9 @@ class PrivacyRecord:
         return asdict(self)
 
 
-def privacy_record(cfg: PrivacyConfig, n_per_class: dict[str, int], *, seed: int | None) -> PrivacyRecord:
+def privacy_record(
+    cfg: PrivacyConfig, n_per_class: dict[str, int], *, seed: int | None
+) -> PrivacyRecord:
     z = noise_multiplier(cfg.epsilon, cfg.delta)
     delta_sens = sensitivity(cfg)
     std_sum = z * delta_sens if z > 0 else 0.0

@@ -37,7 +37,9 @@ def allowed_token_mask(tokenizer, vocab_size: int, *, word_like_only: bool) -> T
     return allowed
 
 
-def choose_tokens(u: Tensor, logits: Tensor, E: Tensor, E_unit: Tensor, allowed: Tensor, *, rule: str, k: int) -> Tensor:
+def choose_tokens(
+    u: Tensor, logits: Tensor, E: Tensor, E_unit: Tensor, allowed: Tensor, *, rule: str, k: int
+) -> Tensor:
     """One position for N examples: u (N, d), next-token logits (N, V) -> token ids (N,)."""
     k = min(k, int(allowed.sum()))
     neg_inf = torch.finfo(torch.float32).min
@@ -66,7 +68,16 @@ def _left_pad(prefixes: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def project(lm: CausalLM, U: Tensor, prefixes: list[list[int]], allowed: Tensor, *, rule: str, k: int, use_cache: bool = True) -> Tensor:
+def project(
+    lm: CausalLM,
+    U: Tensor,
+    prefixes: list[list[int]],
+    allowed: Tensor,
+    *,
+    rule: str,
+    k: int,
+    use_cache: bool = True,
+) -> Tensor:
     """Project U (N, n, d) to token ids (N, n). ``prefixes``: generation-prefix ids per example."""
     dev = lm.device
     E = lm.input_embeddings.detach().float()  # (V, d)
@@ -82,11 +93,19 @@ def project(lm: CausalLM, U: Tensor, prefixes: list[list[int]], allowed: Tensor,
     for j in range(n):
         if use_cache:
             position = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
-            out = lm.model(input_ids=step_ids, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True)
+            out = lm.model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=position,
+                past_key_values=cache,
+                use_cache=True,
+            )
             cache = out.past_key_values
         else:
             position = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = lm.model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False)
+            out = lm.model(
+                input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False
+            )
         logits = out.logits[:, -1]  # (N, V)
         tok = choose_tokens(U[:, j], logits, E, E_unit, allowed, rule=rule, k=k)
         chosen[:, j] = tok

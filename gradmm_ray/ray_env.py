@@ -8,7 +8,6 @@ import os
 import ray
 
 
-
 def init_ray() -> tuple[str, bool]:
     """Join the cluster named by RAY_ADDRESS (set inside ``ray job submit``), else start a local
     one sized to this machine. Returns a short description and whether this call started Ray."""
@@ -17,7 +16,12 @@ def init_ray() -> tuple[str, bool]:
     address = os.environ.get("RAY_ADDRESS")
     # Child processes (actors) inherit HF_HUB_OFFLINE etc. through the environment anyway; the
     # project itself ships its code to a cluster through `ray job submit --working-dir`.
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False if not address else None)
+    ray.init(
+        address=address,
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+        include_dashboard=False if not address else None,
+    )
     return _describe(f"cluster at {address}" if address else "local Ray"), True
 
 

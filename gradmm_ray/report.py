@@ -14,7 +14,17 @@ from gradmm_ray.config import Config
 
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.md"
-PACKAGES = ("gradmm-ray", "torch", "ray", "transformers", "tokenizers", "datasets", "pyarrow", "dp-accounting", "safetensors")
+PACKAGES = (
+    "gradmm-ray",
+    "torch",
+    "ray",
+    "transformers",
+    "tokenizers",
+    "datasets",
+    "pyarrow",
+    "dp-accounting",
+    "safetensors",
+)
 
 
 def package_versions() -> dict[str, str]:
@@ -29,7 +39,10 @@ def package_versions() -> dict[str, str]:
 
 def write_manifest(out, cfg: Config, summary, record: dict) -> None:
     previous = out.read_json(MANIFEST_FILE) if out.exists(MANIFEST_FILE) else {}
-    timings = {**previous.get("timings_seconds", {}), **{k: round(v, 3) for k, v in summary.timings.items()}}
+    timings = {
+        **previous.get("timings_seconds", {}),
+        **{k: round(v, 3) for k, v in summary.timings.items()},
+    }
     counts = {**previous.get("counts", {}), **summary.counts}
     out.write_json(
         MANIFEST_FILE,
@@ -69,7 +82,11 @@ def plot_loss_distribution(scored: pa.Table, selected_ids: set[tuple[int, float]
     bins = np.linspace(min(all_losses), max(all_losses) + 1e-9, 16)
     for ax, label in zip(axes[0], labels, strict=True):
         cand = [r["match_loss"] for r in rows if r["label"] == label]
-        kept = [r["match_loss"] for r in rows if r["label"] == label and (r["synthetic_id"], r["rho"]) in selected_ids]
+        kept = [
+            r["match_loss"]
+            for r in rows
+            if r["label"] == label and (r["synthetic_id"], r["rho"]) in selected_ids
+        ]
         ax.hist(cand, bins=bins, alpha=0.5, label=f"candidates ({len(cand)})")
         ax.hist(kept, bins=bins, alpha=0.8, label=f"selected ({len(kept)})")
         ax.set_title(f"label: {label}")
@@ -151,7 +168,11 @@ def write_report(out, cfg: Config, scored: pa.Table, selection, record: dict) ->
         "|---|---|" + "---|" * len(selection.funnel[0]["per_class"]),
     ]
     for f in selection.funnel:
-        lines.append(f"| {f['step']} | {f['rows']} | " + " | ".join(str(f["per_class"][k]) for k in sorted(f["per_class"])) + " |")
+        lines.append(
+            f"| {f['step']} | {f['rows']} | "
+            + " | ".join(str(f["per_class"][k]) for k in sorted(f["per_class"]))
+            + " |"
+        )
     lines += [
         "",
         "![funnel](plots/funnel.png)",
@@ -177,13 +198,18 @@ def write_report(out, cfg: Config, scored: pa.Table, selection, record: dict) ->
     for label in sorted(by_label):
         for r in by_label[label][:5]:
             text = r["text"].replace("|", "\\|")
-            lines.append(f"| {label} | {text} | {r['match_loss']:.4f} | {r['log_ppl']:.3f} | {r['label_prob']:.3f} |")
+            lines.append(
+                f"| {label} | {text} | {r['match_loss']:.4f} | {r['log_ppl']:.3f} | {r['label_prob']:.3f} |"
+            )
     out.write_text(REPORT_FILE, "\n".join(lines) + "\n")
     return [REPORT_FILE, *plots]
 
 
 def format_summary(summary) -> str:
-    lines = [f"gradmm-ray: done ({summary.mode} run, {summary.cluster})", f"  output   {summary.output}"]
+    lines = [
+        f"gradmm-ray: done ({summary.mode} run, {summary.cluster})",
+        f"  output   {summary.output}",
+    ]
     for f in summary.files:
         lines.append(f"           {f}")
     c = summary.counts
@@ -191,11 +217,15 @@ def format_summary(summary) -> str:
         lines.append(f"  real     {c['real_rows_read']} rows read, used {c['real_rows_used']}")
     if "solve" in c:
         s = c["solve"]
-        lines.append(f"  solve    {s['work_items']} work items: {s['solved_now']} solved now, {s['already_done']} already done")
+        lines.append(
+            f"  solve    {s['work_items']} work items: {s['solved_now']} solved now, {s['already_done']} already done"
+        )
     if "funnel" in c:
         lines.append("  select   " + " -> ".join(f"{f['step']} {f['rows']}" for f in c["funnel"]))
     if summary.privacy:
         p = summary.privacy
-        lines.append(f"  privacy  epsilon={p['epsilon']} delta={p['delta']} C={p['clip_norm']} z={p['noise_multiplier']:.4g} ({p['adjacency']})")
+        lines.append(
+            f"  privacy  epsilon={p['epsilon']} delta={p['delta']} C={p['clip_norm']} z={p['noise_multiplier']:.4g} ({p['adjacency']})"
+        )
     lines.append("  timings  " + ", ".join(f"{k} {v:.1f}s" for k, v in summary.timings.items()))
     return "\n".join(lines)

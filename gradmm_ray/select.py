@@ -29,7 +29,18 @@ from gradmm_ray.headgrad import head_logits, logits_grad, match_loss
 from gradmm_ray.lm import CausalLM, load_causal_lm
 
 SYNTHETIC_FILE = "synthetic.parquet"
-OUTPUT_COLUMNS = ("id", "text", "label", "prompt", "completion", "match_loss", "log_ppl", "label_prob", "rho", "seed")
+OUTPUT_COLUMNS = (
+    "id",
+    "text",
+    "label",
+    "prompt",
+    "completion",
+    "match_loss",
+    "log_ppl",
+    "label_prob",
+    "rho",
+    "seed",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,7 +48,9 @@ OUTPUT_COLUMNS = ("id", "text", "label", "prompt", "completion", "match_loss", "
 
 
 @torch.inference_mode()
-def completion_logprobs(lm: CausalLM, pairs: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logprobs(
+    lm: CausalLM, pairs: list[tuple[list[int], int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per pair: the summed log-likelihood of its completion tokens and their count."""
     A, targets, mask = lm.completion_states(pairs)
     W, b = lm.head_params_fp32()
@@ -48,8 +61,12 @@ def completion_logprobs(lm: CausalLM, pairs: list[tuple[list[int], int]]) -> tup
     return tok.sum(1).cpu(), mask.sum(1).cpu()
 
 
-def few_shot_context(demos: tuple[dict[str, str], ...], template: str, verbalizers: dict[str, str]) -> str:
-    return "".join(f"{format_prompt(template, d['text'])}{verbalizers[d['label']]}\n" for d in demos)
+def few_shot_context(
+    demos: tuple[dict[str, str], ...], template: str, verbalizers: dict[str, str]
+) -> str:
+    return "".join(
+        f"{format_prompt(template, d['text'])}{verbalizers[d['label']]}\n" for d in demos
+    )
 
 
 class CandidateScorer:
@@ -59,13 +76,24 @@ class CandidateScorer:
         import ray
 
         m = cfg.model
-        self.lm = load_causal_lm(m.name, revision=m.revision, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
+        self.lm = load_causal_lm(
+            m.name,
+            revision=m.revision,
+            dtype=m.dtype,
+            device=m.device,
+            trust_remote_code=m.trust_remote_code,
+        )
         self.targets = {
-            label: (t["weight"].to(self.lm.device), t["bias"].to(self.lm.device) if "bias" in t else None)
+            label: (
+                t["weight"].to(self.lm.device),
+                t["bias"].to(self.lm.device) if "bias" in t else None,
+            )
             for label, t in ray.get(targets_ref[0]).items()
         }
         self.data = cfg.data
-        self.context = few_shot_context(cfg.select.few_shot, cfg.data.prompt_template, cfg.data.verbalizers)
+        self.context = few_shot_context(
+            cfg.select.few_shot, cfg.data.prompt_template, cfg.data.verbalizers
+        )
         self.labels = sorted(cfg.data.verbalizers)
 
     @torch.inference_mode()
@@ -76,7 +104,12 @@ class CandidateScorer:
         # Label check: every text under every label.
         scores = []
         for label in self.labels:
-            pairs = [encode_pair(tok, self.context + format_prompt(d.prompt_template, t), d.verbalizers[label]) for t in texts]
+            pairs = [
+                encode_pair(
+                    tok, self.context + format_prompt(d.prompt_template, t), d.verbalizers[label]
+                )
+                for t in texts
+            ]
             total, count = completion_logprobs(self.lm, pairs)
             scores.append(total / count)
         probs = torch.softmax(torch.stack(scores, dim=1), dim=1)  # (N, K)
@@ -84,8 +117,14 @@ class CandidateScorer:
         label_prob = probs.gather(1, own.unsqueeze(1)).squeeze(1)
         top_label = [self.labels[i] for i in probs.argmax(dim=1).tolist()]
         # Perplexity of the text given its label's generation prefix.
-        gen = [list(tok(d.generation_prefix.format(label=lab), add_special_tokens=True)["input_ids"]) for lab in labels]
-        ppl_pairs = [(g + [int(x) for x in ids], len(g)) for g, ids in zip(gen, batch["token_ids"], strict=True)]
+        gen = [
+            list(tok(d.generation_prefix.format(label=lab), add_special_tokens=True)["input_ids"])
+            for lab in labels
+        ]
+        ppl_pairs = [
+            (g + [int(x) for x in ids], len(g))
+            for g, ids in zip(gen, batch["token_ids"], strict=True)
+        ]
         total, count = completion_logprobs(self.lm, ppl_pairs)
         log_ppl = -(total / count)
         # Matching loss of the final training pair.
@@ -93,7 +132,10 @@ class CandidateScorer:
         W, b = self.lm.head_params_fp32()
         for label in sorted(set(labels)):
             idx = [i for i, lab in enumerate(labels) if lab == label]
-            pairs = [encode_pair(tok, format_prompt(d.prompt_template, texts[i]), d.verbalizers[label]) for i in idx]
+            pairs = [
+                encode_pair(tok, format_prompt(d.prompt_template, texts[i]), d.verbalizers[label])
+                for i in idx
+            ]
             A, targets, mask = self.lm.completion_states(pairs)
             B = logits_grad(head_logits(A, W, b), targets, mask, self.lm.logits_tail())
             final_loss[idx] = match_loss(A, B, *self.targets[label]).cpu()
@@ -165,7 +207,9 @@ def top_per_class(rows: list[dict], per_class: int, ppl_weight: float) -> list[d
         by_label.setdefault(r["label"], []).append(r)
     out = []
     for label in sorted(by_label):
-        out += sorted(by_label[label], key=lambda r: (selection_score(r, ppl_weight), r["synthetic_id"]))[:per_class]
+        out += sorted(
+            by_label[label], key=lambda r: (selection_score(r, ppl_weight), r["synthetic_id"])
+        )[:per_class]
     return sorted(out, key=lambda r: r["synthetic_id"])
 
 
@@ -188,7 +232,9 @@ def balance_classes(rows: list[dict], ppl_weight: float) -> list[dict]:
     for label, members in by_label.items():
         while len(members) > 1 and mean(label) > floor:
             members.pop()
-    return sorted((r for members in by_label.values() for r in members), key=lambda r: r["synthetic_id"])
+    return sorted(
+        (r for members in by_label.values() for r in members), key=lambda r: r["synthetic_id"]
+    )
 
 
 @dataclass
@@ -227,13 +273,18 @@ def select_rows(rows: list[dict], cfg: SelectConfig, labels: list[str]) -> Selec
 def synthetic_table(rows: list[dict], cfg: Config) -> pa.Table:
     """The output contract: one row per selected example, the exact training pair included."""
     d = cfg.data
-    rows = sorted(rows, key=lambda r: (r["label"], selection_score(r, cfg.select.ppl_weight), r["synthetic_id"]))
+    rows = sorted(
+        rows,
+        key=lambda r: (r["label"], selection_score(r, cfg.select.ppl_weight), r["synthetic_id"]),
+    )
     return pa.table(
         {
             "id": pa.array([int(r["synthetic_id"]) for r in rows], pa.int64()),
             "text": pa.array([r["text"] for r in rows], pa.string()),
             "label": pa.array([r["label"] for r in rows], pa.string()),
-            "prompt": pa.array([format_prompt(d.prompt_template, r["text"]) for r in rows], pa.string()),
+            "prompt": pa.array(
+                [format_prompt(d.prompt_template, r["text"]) for r in rows], pa.string()
+            ),
             "completion": pa.array([d.verbalizers[r["label"]] for r in rows], pa.string()),
             "match_loss": pa.array([float(r["match_loss"]) for r in rows], pa.float64()),
             "log_ppl": pa.array([float(r["log_ppl"]) for r in rows], pa.float64()),

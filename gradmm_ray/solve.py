@@ -55,7 +55,9 @@ def finished_keys(out: OutputDir) -> set[tuple[int, float]]:
     table = read_solves(out)
     if table is None:
         return set()
-    return set(zip(table.column("synthetic_id").to_pylist(), table.column("rho").to_pylist(), strict=True))
+    return set(
+        zip(table.column("synthetic_id").to_pylist(), table.column("rho").to_pylist(), strict=True)
+    )
 
 
 def read_solves(out: OutputDir) -> pa.Table | None:
@@ -72,7 +74,13 @@ class AdmmSolver:
         import ray
 
         m = cfg.model
-        self.lm = load_causal_lm(m.name, revision=m.revision, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
+        self.lm = load_causal_lm(
+            m.name,
+            revision=m.revision,
+            dtype=m.dtype,
+            device=m.device,
+            trust_remote_code=m.trust_remote_code,
+        )
         released = ray.get(targets_ref[0])  # once per actor, from the object store
         dev = self.lm.device
         self.targets = {
@@ -81,14 +89,38 @@ class AdmmSolver:
         }
         d = cfg.data
         self.layouts = {
-            label: SequenceLayout.build(self.lm.tokenizer, d.prompt_template, d.verbalizers[label], d.generation_prefix.format(label=label))
+            label: SequenceLayout.build(
+                self.lm.tokenizer,
+                d.prompt_template,
+                d.verbalizers[label],
+                d.generation_prefix.format(label=label),
+            )
             for label in released
         }
-        self.allowed = allowed_token_mask(self.lm.tokenizer, self.lm.vocab_size, word_like_only=cfg.admm.word_like_only)
+        self.allowed = allowed_token_mask(
+            self.lm.tokenizer, self.lm.vocab_size, word_like_only=cfg.admm.word_like_only
+        )
         self.admm = cfg.admm
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        rows: dict[str, list] = {k: [] for k in ("synthetic_id", "label", "rho", "seed", "token_ids", "text", "match_loss", "initial_match_loss", "best_iter", "loss_curve", "projected_loss_curve", "residual_curve", "solve_seconds")}
+        rows: dict[str, list] = {
+            k: []
+            for k in (
+                "synthetic_id",
+                "label",
+                "rho",
+                "seed",
+                "token_ids",
+                "text",
+                "match_loss",
+                "initial_match_loss",
+                "best_iter",
+                "loss_curve",
+                "projected_loss_curve",
+                "residual_curve",
+                "solve_seconds",
+            )
+        }
         labels = [str(x) for x in batch["label"]]
         for label in sorted(set(labels)):  # one label per solve: one layout, one target
             idx = [i for i, lab in enumerate(labels) if lab == label]
@@ -96,13 +128,23 @@ class AdmmSolver:
             for seed in sorted(seeds):
                 sub = [i for i in idx if int(batch["seed"][i]) == seed]
                 items = [(int(batch["synthetic_id"][i]), float(batch["rho"][i])) for i in sub]
-                for r in solve_batch(self.lm, self.layouts[label], self.targets[label], items, self.admm, seed=seed, allowed=self.allowed):
+                for r in solve_batch(
+                    self.lm,
+                    self.layouts[label],
+                    self.targets[label],
+                    items,
+                    self.admm,
+                    seed=seed,
+                    allowed=self.allowed,
+                ):
                     rows["synthetic_id"].append(r.synthetic_id)
                     rows["label"].append(label)
                     rows["rho"].append(r.rho)
                     rows["seed"].append(seed)
                     rows["token_ids"].append(r.token_ids)
-                    rows["text"].append(self.lm.tokenizer.decode(r.token_ids, skip_special_tokens=True).strip())
+                    rows["text"].append(
+                        self.lm.tokenizer.decode(r.token_ids, skip_special_tokens=True).strip()
+                    )
                     rows["match_loss"].append(r.match_loss)
                     rows["initial_match_loss"].append(r.initial_match_loss)
                     rows["best_iter"].append(r.best_iter)
@@ -121,7 +163,9 @@ class SolveStats:
     seconds: float
 
 
-def run_solve(targets: dict[str, dict[str, torch.Tensor]], cfg: Config, out: OutputDir, *, num_gpus: float) -> SolveStats:
+def run_solve(
+    targets: dict[str, dict[str, torch.Tensor]], cfg: Config, out: OutputDir, *, num_gpus: float
+) -> SolveStats:
     import ray
     import ray.data
 
@@ -132,7 +176,10 @@ def run_solve(targets: dict[str, dict[str, torch.Tensor]], cfg: Config, out: Out
     if todo:
         s = cfg.solve
         targets_ref = ray.put(targets)
-        ds = ray.data.from_items([asdict(it) for it in todo], override_num_blocks=max(1, min(len(todo) // s.batch_size, 8 * s.max_actors)))
+        ds = ray.data.from_items(
+            [asdict(it) for it in todo],
+            override_num_blocks=max(1, min(len(todo) // s.batch_size, 8 * s.max_actors)),
+        )
         solved = ds.map_batches(
             AdmmSolver,
             fn_constructor_kwargs={"cfg": cfg, "targets_ref": [targets_ref]},
@@ -142,8 +189,12 @@ def run_solve(targets: dict[str, dict[str, torch.Tensor]], cfg: Config, out: Out
             num_gpus=num_gpus,
             num_cpus=s.num_cpus,
         )
-        with tqdm(total=len(items), initial=stats.skipped, desc="solve: synthetic examples", unit="ex") as bar:
-            for batch in solved.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        with tqdm(
+            total=len(items), initial=stats.skipped, desc="solve: synthetic examples", unit="ex"
+        ) as bar:
+            for batch in solved.iter_batches(
+                batch_size=None, batch_format="pyarrow", prefetch_batches=0
+            ):
                 out.write_parquet(f"{SOLVES_DIR}/part-{uuid.uuid4().hex}.parquet", batch)
                 stats.solved += batch.num_rows
                 bar.update(batch.num_rows)

@@ -31,7 +31,10 @@ class OutputDir:
         if "://" in uri:
             self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
         else:
-            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(self.uri))
+            self.fs, self.root = (
+                pafs.LocalFileSystem(),
+                os.path.abspath(os.path.expanduser(self.uri)),
+            )
 
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
@@ -56,7 +59,13 @@ class OutputDir:
         if self.fs.get_file_info(base).type != pafs.FileType.Directory:
             return []
         infos = self.fs.get_file_info(pafs.FileSelector(base))
-        names = [i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix) and not i.base_name.startswith(".")]
+        names = [
+            i.base_name
+            for i in infos
+            if i.type == pafs.FileType.File
+            and i.base_name.endswith(suffix)
+            and not i.base_name.startswith(".")
+        ]
         return sorted(f"{rel}/{n}" for n in names)
 
     def read_bytes(self, rel: str) -> bytes:
@@ -110,12 +119,16 @@ def check_output_dir(out: OutputDir, fingerprint: dict, *, overwrite: bool) -> s
     if overwrite:
         return "overwrite"
     if not out.exists(RUN_FILE):
-        raise OutputError(f"output {out.uri!r} is not empty and holds no gradmm-ray run; choose another --output or pass --overwrite")
+        raise OutputError(
+            f"output {out.uri!r} is not empty and holds no gradmm-ray run; choose another --output or pass --overwrite"
+        )
     previous = out.read_json(RUN_FILE).get("fingerprint")
     if previous != fingerprint:
         changed = sorted(_diff_keys(previous or {}, fingerprint))
         shown = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
-        raise OutputError(f"output {out.uri!r} holds a run with different settings ({shown}); choose another --output or pass --overwrite")
+        raise OutputError(
+            f"output {out.uri!r} holds a run with different settings ({shown}); choose another --output or pass --overwrite"
+        )
     return "resume"
 
 

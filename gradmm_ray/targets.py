@@ -23,7 +23,13 @@ from tqdm.auto import tqdm
 
 from gradmm_ray.config import Config
 from gradmm_ray.data import RealExamples, encode_pair, format_prompt
-from gradmm_ray.headgrad import clip_factors, clipped_head_grad_sum, head_grad_sq_norms, head_logits, logits_grad
+from gradmm_ray.headgrad import (
+    clip_factors,
+    clipped_head_grad_sum,
+    head_grad_sq_norms,
+    head_logits,
+    logits_grad,
+)
 from gradmm_ray.lm import load_causal_lm
 from gradmm_ray.privacy import PrivacyRecord, noise_generator, privacy_record, release_noisy_means
 from gradmm_ray.storage import OutputDir
@@ -37,7 +43,13 @@ class ClippedHeadGradSums:
 
     def __init__(self, cfg: Config):
         m = cfg.model
-        self.lm = load_causal_lm(m.name, revision=m.revision, dtype=m.dtype, device=m.device, trust_remote_code=m.trust_remote_code)
+        self.lm = load_causal_lm(
+            m.name,
+            revision=m.revision,
+            dtype=m.dtype,
+            device=m.device,
+            trust_remote_code=m.trust_remote_code,
+        )
         self.W, self.b = self.lm.head_params_fp32()
         self.tail = self.lm.logits_tail()
         self.template = cfg.data.prompt_template
@@ -52,12 +64,16 @@ class ClippedHeadGradSums:
         for start in range(0, len(texts), self.micro):
             chunk_labels = [str(x) for x in labels[start : start + self.micro]]
             pairs = [
-                encode_pair(self.lm.tokenizer, format_prompt(self.template, str(t)), self.verbalizers[lab])
+                encode_pair(
+                    self.lm.tokenizer, format_prompt(self.template, str(t)), self.verbalizers[lab]
+                )
                 for t, lab in zip(texts[start : start + self.micro], chunk_labels, strict=True)
             ]
             A, targets, mask = self.lm.completion_states(pairs)  # (n, T, d) fp32
             B = logits_grad(head_logits(A, self.W, self.b), targets, mask, self.tail)  # (n, T, V)
-            factors = clip_factors(head_grad_sq_norms(A, B, with_bias=self.b is not None), self.clip_norm)
+            factors = clip_factors(
+                head_grad_sq_norms(A, B, with_bias=self.b is not None), self.clip_norm
+            )
             label_arr = np.asarray(chunk_labels)
             for lab in sorted(set(chunk_labels)):
                 idx = torch.from_numpy(np.flatnonzero(label_arr == lab)).to(A.device)
@@ -85,7 +101,9 @@ class TargetsResult:
     rows: int
 
 
-def clean_class_sums(real: RealExamples, cfg: Config, *, num_gpus: float) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, int]]:
+def clean_class_sums(
+    real: RealExamples, cfg: Config, *, num_gpus: float
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, int]]:
     """Σ of clipped per-example head gradients per class, reduced over all actors (float64)."""
     import ray.data
 
@@ -109,7 +127,7 @@ def clean_class_sums(real: RealExamples, cfg: Config, *, num_gpus: float) -> tup
             acc = sums.setdefault(label, {})
             for name in ("weight", "bias"):
                 if f"{name}_sum" in out:
-                    value = torch.from_numpy(np.ascontiguousarray(out[f"{name}_sum"][0])).double()
+                    value = torch.from_numpy(np.array(out[f"{name}_sum"][0], dtype=np.float64))
                     acc[name] = acc[name] + value if name in acc else value
             counts[label] = counts.get(label, 0) + count
             bar.update(count)
@@ -118,7 +136,9 @@ def clean_class_sums(real: RealExamples, cfg: Config, *, num_gpus: float) -> tup
     return sums, counts
 
 
-def run_targets(real: RealExamples, cfg: Config, out: OutputDir, *, num_gpus: float, model_revision: str | None) -> TargetsResult:
+def run_targets(
+    real: RealExamples, cfg: Config, out: OutputDir, *, num_gpus: float, model_revision: str | None
+) -> TargetsResult:
     start = time.perf_counter()
     sums, counts = clean_class_sums(real, cfg, num_gpus=num_gpus)
     generator, noise_seed = noise_generator(cfg.privacy, cfg.seed)
@@ -140,11 +160,20 @@ def targets_metadata(record: PrivacyRecord, cfg: Config, model_revision: str | N
     }
 
 
-def write_targets(out: OutputDir, targets: dict[str, dict[str, torch.Tensor]], record: PrivacyRecord, cfg: Config, *, model_revision: str | None) -> None:
+def write_targets(
+    out: OutputDir,
+    targets: dict[str, dict[str, torch.Tensor]],
+    record: PrivacyRecord,
+    cfg: Config,
+    *,
+    model_revision: str | None,
+) -> None:
     from safetensors.torch import save
 
     meta = targets_metadata(record, cfg, model_revision)
-    tensors = {f"{label}/{name}": t.contiguous() for label, d in targets.items() for name, t in d.items()}
+    tensors = {
+        f"{label}/{name}": t.contiguous() for label, d in targets.items() for name, t in d.items()
+    }
     out.write_bytes(TARGETS_FILE, save(tensors, metadata={"gradmm": json.dumps(meta)}))
     out.write_json(TARGETS_RECORD, meta)
 

@@ -1,0 +1,51 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Installs into .venv through constraints.txt (the tested versions; torch==2.13.0 CPU build here).
+# Elsewhere, point pip at a CPU torch wheel index to avoid ~2.6 GB of CUDA wheels:
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.gradmm-installed
+TORCH_INDEX ?=
+PIP_INDEX_FLAGS := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: install demo test lint format bench lock clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check $(PIP_INDEX_FLAGS) -c constraints.txt -e '.[dev,cloud]'
+	@touch $(STAMP)
+
+demo: install
+	$(PY) jobs/distill.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: install lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: install
+	$(PY) jobs/benchmark.py --json outputs/benchmark.json
+
+# Re-resolve the tested set from pyproject's ranges (run after changing dependencies).
+lock: install
+	$(PY) -m pip freeze --exclude-editable | sed 's/+cpu//' | sort -f > constraints.txt.new
+	@(head -2 constraints.txt; cat constraints.txt.new) > constraints.txt && rm constraints.txt.new
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
