@@ -45,7 +45,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--config",
-        help="YAML file with any of the sections data, model, privacy, targets, admm, solve, select, audit",
+        help="YAML file with any of the sections data, model, privacy, targets, admm, solve, select",
     )
     p.add_argument(
         "--data",

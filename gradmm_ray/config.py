@@ -119,11 +119,6 @@ class SelectConfig:
 
 
 @dataclass(frozen=True)
-class AuditConfig:
-    enabled: bool = False  # reads real data after the DP release: outside the guarantee
-
-
-@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -132,7 +127,6 @@ class Config:
     admm: AdmmConfig = field(default_factory=AdmmConfig)
     solve: SolveConfig = field(default_factory=SolveConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
-    audit: AuditConfig = field(default_factory=AuditConfig)
     output: str = "outputs/demo"
     seed: int = 0
     stages: tuple[str, ...] = STAGES
@@ -202,6 +196,13 @@ def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             return float(value)
         if isinstance(value, str) and value.strip().lower() in ("inf", ".inf", "+inf"):
             return math.inf
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                number = float(value.strip())
+            except ValueError:
+                number = math.nan
+            if not math.isnan(number):
+                return number
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -86,6 +86,8 @@ def _read_file(fs, path: str, fmt: str, shown: str) -> pa.Table:
     import pyarrow.json as pajson
     import pyarrow.parquet as pq
 
+    if fs.get_file_info(path).size == 0:
+        raise DataError(f"{shown}: the dataset is empty (0 bytes)")
     try:
         if fmt == "parquet":
             return pq.read_table(path, filesystem=fs)
@@ -234,9 +236,12 @@ def validate_table(table: pa.Table, cfg: DataConfig, shown: str) -> pa.Table:
 
     text = table.column(cfg.text_column)
     if not pa.types.is_string(text.type) and not pa.types.is_large_string(text.type):
-        first = next((v for v in text.to_pylist() if v is not None), None)
+        row, first = next(
+            ((i, v) for i, v in enumerate(text.to_pylist()) if v is not None), (0, None)
+        )
         raise DataError(
-            f"{shown}: column {cfg.text_column!r} holds {text.type} values (e.g. {first!r}), expected strings"
+            f"{shown} row {row}: column {cfg.text_column!r} holds {text.type} values "
+            f"(e.g. {first!r}), expected strings"
         )
     texts = text.to_pylist()
     for i, t in enumerate(texts):
@@ -303,6 +308,10 @@ def stratified_sample(
     if max_examples is not None and total > max_examples:
         quotas = {lab: len(idx) * max_examples / total for lab, idx in by_class.items()}
         take = {lab: max(2, int(q)) for lab, q in quotas.items()}
+        # Raising small classes to 2 is paid for by the classes most above their quota.
+        while sum(take.values()) > max_examples and any(n > 2 for n in take.values()):
+            lab = max((k for k in take if take[k] > 2), key=lambda k: take[k] - quotas[k])
+            take[lab] -= 1
         leftover = max_examples - sum(take.values())
         for lab in sorted(quotas, key=lambda k: quotas[k] - int(quotas[k]), reverse=True):
             if leftover <= 0:

@@ -27,6 +27,7 @@ from gradmm_ray.config import Config, SelectConfig
 from gradmm_ray.data import encode_pair, format_prompt
 from gradmm_ray.headgrad import head_logits, logits_grad, match_loss
 from gradmm_ray.lm import CausalLM, load_causal_lm
+from gradmm_ray.targets import blocks_of
 
 SYNTHETIC_FILE = "synthetic.parquet"
 OUTPUT_COLUMNS = (
@@ -154,7 +155,7 @@ def score_candidates(solves: pa.Table, targets: dict, cfg: Config, *, num_gpus: 
 
     targets_ref = ray.put(targets)
     s = cfg.select
-    ds = ray.data.from_arrow(solves).repartition(max(1, min(solves.num_rows // s.batch_size, 8)))
+    ds = ray.data.from_arrow(blocks_of(solves, s.batch_size, cfg.solve.max_actors))
     scored = ds.map_batches(
         CandidateScorer,
         fn_constructor_kwargs={"cfg": cfg, "targets_ref": [targets_ref]},

@@ -23,6 +23,7 @@ from gradmm_ray.config import Config
 from gradmm_ray.lm import load_causal_lm
 from gradmm_ray.projection import allowed_token_mask
 from gradmm_ray.storage import OutputDir
+from gradmm_ray.targets import blocks_of
 
 SOLVES_DIR = "solves"
 
@@ -176,10 +177,8 @@ def run_solve(
     if todo:
         s = cfg.solve
         targets_ref = ray.put(targets)
-        ds = ray.data.from_items(
-            [asdict(it) for it in todo],
-            override_num_blocks=max(1, min(len(todo) // s.batch_size, 8 * s.max_actors)),
-        )
+        items_table = pa.Table.from_pylist([asdict(it) for it in todo])
+        ds = ray.data.from_arrow(blocks_of(items_table, s.batch_size, s.max_actors))
         solved = ds.map_batches(
             AdmmSolver,
             fn_constructor_kwargs={"cfg": cfg, "targets_ref": [targets_ref]},

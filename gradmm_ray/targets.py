@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
@@ -93,6 +94,12 @@ class ClippedHeadGradSums:
         return out
 
 
+def blocks_of(table: pa.Table, rows_per_block: int, min_blocks: int) -> list[pa.Table]:
+    """Slices of at most ``rows_per_block`` rows, at least ``min_blocks`` of them when possible."""
+    size = max(1, min(rows_per_block, -(-table.num_rows // min_blocks)))
+    return [table.slice(i, size) for i in range(0, table.num_rows, size)]
+
+
 @dataclass
 class TargetsResult:
     targets: dict[str, dict[str, torch.Tensor]]
@@ -108,8 +115,11 @@ def clean_class_sums(
     import ray.data
 
     t = cfg.targets
-    n_blocks = max(1, min(real.table.num_rows // t.micro_batch_size, 4 * t.max_actors))
-    ds = ray.data.from_arrow(real.table.select(["text", "label"])).repartition(n_blocks)
+    # Blocks are cut here, on the driver: a repartition would need a CPU task that a pool of
+    # actors holding every CPU could starve.
+    ds = ray.data.from_arrow(
+        blocks_of(real.table.select(["text", "label"]), t.rows_per_partial, 4 * t.max_actors)
+    )
     partials = ds.map_batches(
         ClippedHeadGradSums,
         fn_constructor_kwargs={"cfg": cfg},

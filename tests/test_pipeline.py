@@ -1,0 +1,189 @@
+"""End to end on local Ray: stage 1 invariance, the output contract, resume, no real text out."""
+
+import dataclasses
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from gradmm_ray import cli
+from gradmm_ray.config import Config, DataConfig, TargetsConfig
+from gradmm_ray.data import encode_pair, format_prompt, load_real_examples
+from gradmm_ray.headgrad import (
+    clip_factors,
+    clipped_head_grad_sum,
+    head_grad_sq_norms,
+    head_logits,
+    logits_grad,
+)
+from gradmm_ray.select import OUTPUT_COLUMNS
+
+CANARY = "zqxj canary wombat"
+
+# Small but complete settings: every stage and rule runs, in seconds.
+FAST = [
+    "--set", "solve.candidates_per_class=3",
+    "--set", "admm.outer_iters=3",
+    "--set", "admm.inner_steps=4",
+    "--set", "admm.init_candidates=4",
+    "--set", "admm.num_tokens=6",
+    "--set", "select.per_class=2",
+    # At epsilon=1 with 24 rows per class the noise dominates; quality is not under test here.
+    "--set", "select.label_check=false",
+]  # fmt: skip
+
+
+def _direct_clean_sums(lm, real, cfg: Config) -> dict[str, torch.Tensor]:
+    """Stage 1's clean per-class sums computed in one process, one batch per class."""
+    W, b = lm.head_params_fp32()
+    out = {}
+    rows = real.table.to_pylist()
+    for label, completion in cfg.data.verbalizers.items():
+        pairs = [
+            encode_pair(
+                lm.tokenizer, format_prompt(cfg.data.prompt_template, r["text"]), completion
+            )
+            for r in rows
+            if r["label"] == label
+        ]
+        A, targets, mask = lm.completion_states(pairs)
+        B = logits_grad(head_logits(A, W, b), targets, mask)
+        factors = clip_factors(head_grad_sq_norms(A, B, with_bias=False), cfg.privacy.clip_norm)
+        out[label] = clipped_head_grad_sum(A, B, factors)[0].double()
+    return out
+
+
+def test_stage1_sum_does_not_depend_on_sharding(ray_session, tiny_lm):
+    """1 actor with small batches vs 2 actors with large ones: the clean per-class sums agree with
+    each other and with a one-process computation to 1e-5 relative."""
+    from gradmm_ray.targets import clean_class_sums
+
+    cfg = Config(
+        data=DataConfig(per_class=24), model=dataclasses.replace(Config().model, device="cpu")
+    )
+    real = load_real_examples(cfg.data, seed=0)
+    one = dataclasses.replace(
+        cfg,
+        targets=TargetsConfig(
+            micro_batch_size=3, rows_per_partial=6, min_actors=1, max_actors=1, num_gpus=0
+        ),
+    )
+    two = dataclasses.replace(
+        cfg,
+        targets=TargetsConfig(
+            micro_batch_size=16, rows_per_partial=16, min_actors=2, max_actors=2, num_gpus=0
+        ),
+    )
+    sums_one, counts_one = clean_class_sums(real, one, num_gpus=0)
+    sums_two, counts_two = clean_class_sums(real, two, num_gpus=0)
+    direct = _direct_clean_sums(tiny_lm, real, cfg)
+    assert counts_one == counts_two == {"positive": 24, "negative": 24}
+    for label in ("positive", "negative"):
+        w1, w2 = sums_one[label]["weight"], sums_two[label]["weight"]
+        scale = direct[label].norm()
+        assert (w1 - w2).norm() / scale < 1e-5
+        assert (w1 - direct[label]).norm() / scale < 1e-5
+
+
+@pytest.fixture(scope="module")
+def canary_data(tmp_path_factory):
+    """The bundled reviews (24 per class) with a canary string planted in one real row."""
+    real = load_real_examples(DataConfig(per_class=24), seed=0)
+    rows = real.table.select(["text", "label"]).to_pylist()
+    rows[5]["text"] = f"The {CANARY} ruined it for me."
+    path = tmp_path_factory.mktemp("data") / "reviews.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_run(ray_session, canary_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    argv = ["--data", str(canary_data), "--output", str(out), *FAST]
+    assert cli.main(argv) == 0
+    return out, argv
+
+
+def test_output_contract(demo_run):
+    """synthetic.parquet has the contract's columns, rows for every class, and the exact training
+    pair; it loads with datasets, pandas and Ray Data."""
+    import datasets
+    import pandas as pd
+
+    out, _ = demo_run
+    path = str(out / "synthetic.parquet")
+    table = pq.read_table(path)
+    assert tuple(table.column_names) == OUTPUT_COLUMNS
+    rows = table.to_pylist()
+    assert {r["label"] for r in rows} == {"positive", "negative"}
+    cfg = Config()
+    for r in rows:
+        assert r["prompt"] == cfg.data.prompt_template.format(text=r["text"])
+        assert r["completion"] == cfg.data.verbalizers[r["label"]]
+        assert 0 <= r["match_loss"] <= 2 and 0 < r["label_prob"] < 1
+    assert len(pd.read_parquet(path)) == len(rows)
+    assert datasets.load_dataset("parquet", data_files=path, split="train").num_rows == len(rows)
+
+
+def test_manifest_funnel_and_report(demo_run):
+    """The manifest's funnel ends at the written row count; the record and report are present."""
+    out, _ = demo_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    n_rows = pq.read_metadata(out / "synthetic.parquet").num_rows
+    funnel = manifest["counts"]["funnel"]
+    assert funnel[0]["rows"] == 6 and funnel[-1]["rows"] == n_rows
+    assert all(sum(f["per_class"].values()) == f["rows"] for f in funnel)
+    assert manifest["privacy"]["n_per_class"] == {"negative": 24, "positive": 24}
+    assert manifest["privacy"]["noise_multiplier"] > 0
+    assert set(manifest["timings_seconds"]) >= {"targets", "solve", "select", "total"}
+    assert manifest["versions"]["ray"] and manifest["config"]["privacy"]["epsilon"] == 1.0
+    for rel in (
+        "report.md",
+        "plots/match_loss.png",
+        "plots/admm_curves.png",
+        "plots/funnel.png",
+        "targets.json",
+    ):
+        assert (out / rel).stat().st_size > 0
+    targets = json.loads((out / "targets.json").read_text())
+    assert (
+        targets["privacy"]["adjacency"] == "add_remove"
+        and targets["verbalizers"]["positive"] == " great"
+    )
+
+
+def test_no_real_text_leaves_stage_one(demo_run, capfd):
+    """A canary planted in the real data appears in no output file."""
+    out, _ = demo_run
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert CANARY.encode() not in path.read_bytes(), path
+
+
+def test_rerun_resumes_without_recomputing(demo_run, capsys):
+    """The same command again keeps every finished solve and recomputes none."""
+    out, argv = demo_run
+    before = sorted(p.name for p in (out / "solves").iterdir())
+    targets_before = (out / "targets.safetensors").read_bytes()
+    assert cli.main(argv) == 0
+    assert "6 work items: 0 solved now, 6 already done" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "solves").iterdir()) == before
+    assert (out / "targets.safetensors").read_bytes() == targets_before
+
+
+def test_targets_stage_alone_then_the_rest(ray_session, tmp_path, capsys):
+    """--stages targets writes only the release; a later run of solve,select resumes from it."""
+    out = tmp_path / "out"
+    base = ["--output", str(out), "--set", "data.per_class=8", *FAST]
+    assert cli.main([*base, "--stages", "targets"]) == 0
+    assert (out / "targets.safetensors").exists() and not (out / "solves").exists()
+    from safetensors import safe_open
+
+    with safe_open(out / "targets.safetensors", "pt") as f:
+        meta = json.loads(f.metadata()["gradmm"])
+        assert set(f.keys()) == {"positive/weight", "negative/weight"}
+        assert f.get_tensor("positive/weight").dtype == torch.float32
+    assert meta["privacy"]["n_per_class"] == {"negative": 8, "positive": 8}
+    assert cli.main([*base, "--stages", "solve,select"]) == 0
+    assert (out / "synthetic.parquet").exists()
