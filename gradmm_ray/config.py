@@ -119,6 +119,12 @@ class SelectConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    # Reads the real data again after the DP release: its output is outside the guarantee.
+    enabled: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -127,6 +133,7 @@ class Config:
     admm: AdmmConfig = field(default_factory=AdmmConfig)
     solve: SolveConfig = field(default_factory=SolveConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     output: str = "outputs/demo"
     seed: int = 0
     stages: tuple[str, ...] = STAGES
@@ -138,7 +145,7 @@ class Config:
         """The settings that determine the results; resource and stage choices are left out so
         that a resumed run may use a different cluster or run a later stage."""
         d = self.to_dict()
-        for key in ("output", "stages"):
+        for key in ("output", "stages", "audit"):  # the audit never changes the results
             d.pop(key)
         for section in ("targets", "solve"):
             d[section] = {

@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from gradmm_ray.audit import AUDIT_FILE, audit_table
 from gradmm_ray.config import Config
 from gradmm_ray.data import RealExamples, check_verbalizers, load_real_examples
-from gradmm_ray.lm import load_tokenizer, resolve_model_source
+from gradmm_ray.lm import load_causal_lm, load_tokenizer, resolve_model_source
 from gradmm_ray.storage import RUN_FILE, OutputDir, check_output_dir
 
 
@@ -21,7 +22,8 @@ class Prepared:
     cfg: Config
     out: OutputDir
     mode: str  # new | resume | overwrite
-    real: RealExamples | None  # only when stage 1 will run
+    run_targets: bool
+    real: RealExamples | None  # read when stage 1 runs or the audit is on
 
 
 @dataclass
@@ -51,8 +53,9 @@ def prepare(cfg: Config, *, overwrite: bool) -> Prepared:
         raise OutputError(
             f"output {out.uri!r} has no targets.safetensors: run the targets stage first (--stages targets,...)"
         )
-    real = load_real_examples(cfg.data, cfg.seed) if needs_targets else None
-    return Prepared(cfg, out, mode, real)
+    needs_real = needs_targets or (cfg.audit.enabled and "select" in cfg.stages)
+    real = load_real_examples(cfg.data, cfg.seed) if needs_real else None
+    return Prepared(cfg, out, mode, needs_targets, real)
 
 
 def run(prep: Prepared) -> RunSummary:
@@ -73,7 +76,7 @@ def run(prep: Prepared) -> RunSummary:
     quiet_ray_data()
     started = time.perf_counter()
 
-    if prep.real is not None:
+    if prep.run_targets:
         summary.counts["real_rows_read"] = prep.real.rows_read
         summary.counts["real_rows_used"] = dict(prep.real.counts)
         gpus = actor_gpus(cfg.targets.num_gpus)
@@ -108,7 +111,12 @@ def run(prep: Prepared) -> RunSummary:
         summary.counts["funnel"] = selection.funnel
         summary.counts["selected"] = len(selection.rows)
         summary.files.append(SYNTHETIC_FILE)
-        summary.files += report.write_report(out, cfg, scored, selection, record)
+        audit = None
+        if cfg.audit.enabled:
+            audit = run_audit(prep.real, selection.rows, cfg)
+            out.write_parquet(AUDIT_FILE, audit)
+            summary.files.append(AUDIT_FILE)
+        summary.files += report.write_report(out, cfg, scored, selection, record, audit)
 
     summary.timings["total"] = time.perf_counter() - started
     report.write_manifest(out, cfg, summary, record)
@@ -116,6 +124,21 @@ def run(prep: Prepared) -> RunSummary:
     if started_ray:
         ray.shutdown()
     return summary
+
+
+def run_audit(real: RealExamples, selected: list[dict], cfg: Config):
+    """The opt-in audit on the driver: reads real data, outside the DP guarantee."""
+    m = cfg.model
+    lm = load_causal_lm(
+        m.name,
+        revision=m.revision,
+        dtype=m.dtype,
+        device=m.device,
+        trust_remote_code=m.trust_remote_code,
+    )
+    return audit_table(
+        lm, selected, real.table.column("text").to_pylist(), real.table.column("row").to_pylist()
+    )
 
 
 def _model_revision(cfg: Config) -> str | None:

@@ -135,7 +135,41 @@ def plot_funnel(funnel: list[dict]):
     return fig
 
 
-def write_report(out, cfg: Config, scored: pa.Table, selection, record: dict) -> list[str]:
+def plot_audit_distances(audit: pa.Table):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.hist(audit.column("nearest_distance").to_pylist(), bins=15)
+    ax.set_xlabel("L2 distance to the nearest real example (mean-pooled hidden states)")
+    ax.set_ylabel("selected examples")
+    return fig
+
+
+def audit_section(audit: pa.Table) -> list[str]:
+    rows = sorted(audit.to_pylist(), key=lambda r: r["nearest_distance"])
+    lines = [
+        "## Privacy audit (outside the DP guarantee)",
+        "",
+        "This section reads the real data after the release, so it is NOT covered by the privacy "
+        "guarantee above. Real examples are shown only as row indices of the source.",
+        "",
+        "![audit](plots/audit_distances.png)",
+        "",
+        "Closest pairs:",
+        "",
+        "| synthetic id | label | nearest real row | distance | longest shared token run |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows[:5]:
+        lines.append(
+            f"| {r['id']} | {r['label']} | {r['nearest_real_row']} | {r['nearest_distance']:.4f} | {r['longest_common_ngram']} |"
+        )
+    return lines
+
+
+def write_report(
+    out, cfg: Config, scored: pa.Table, selection, record: dict, audit: pa.Table | None = None
+) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,6 +179,8 @@ def write_report(out, cfg: Config, scored: pa.Table, selection, record: dict) ->
         "plots/admm_curves.png": plot_admm_curves(scored),
         "plots/funnel.png": plot_funnel(selection.funnel),
     }
+    if audit is not None:
+        plots["plots/audit_distances.png"] = plot_audit_distances(audit)
     for rel, fig in plots.items():
         out.write_bytes(rel, _png(fig))
 
@@ -201,6 +237,8 @@ def write_report(out, cfg: Config, scored: pa.Table, selection, record: dict) ->
             lines.append(
                 f"| {label} | {text} | {r['match_loss']:.4f} | {r['log_ppl']:.3f} | {r['label_prob']:.3f} |"
             )
+    if audit is not None:
+        lines += ["", *audit_section(audit)]
     out.write_text(REPORT_FILE, "\n".join(lines) + "\n")
     return [REPORT_FILE, *plots]
 

@@ -83,6 +83,9 @@ class OutputDir:
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)
+        self._commit(tmp, target)
+
+    def _commit(self, tmp: str, target: str) -> None:
         self.fs.move(tmp, target)
 
     def write_text(self, rel: str, text: str) -> None:

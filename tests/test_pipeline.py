@@ -1,6 +1,8 @@
 """End to end on local Ray: stage 1 invariance, the output contract, resume, no real text out."""
 
+import contextlib
 import dataclasses
+import io
 import json
 
 import pyarrow.parquet as pq
@@ -97,12 +99,24 @@ def canary_data(tmp_path_factory):
     return path
 
 
+def _run_capturing(argv: list[str]) -> str:
+    """cli.main with the driver's stdout and stderr (prints, progress bars) captured."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        assert cli.main(argv) == 0
+    return buf.getvalue()
+
+
 @pytest.fixture(scope="module")
 def demo_run(ray_session, canary_data, tmp_path_factory):
+    """A full run with the audit off, then the same run resumed with the audit on (the audit
+    is not part of the settings fingerprint: only stage 3 runs again)."""
     out = tmp_path_factory.mktemp("run") / "out"
     argv = ["--data", str(canary_data), "--output", str(out), *FAST]
-    assert cli.main(argv) == 0
-    return out, argv
+    log = _run_capturing(argv)
+    synthetic_without_audit = (out / "synthetic.parquet").read_bytes()
+    log += _run_capturing([*argv, "--set", "audit.enabled=true"])
+    return out, argv, log, synthetic_without_audit
 
 
 def test_output_contract(demo_run):
@@ -111,7 +125,7 @@ def test_output_contract(demo_run):
     import datasets
     import pandas as pd
 
-    out, _ = demo_run
+    out = demo_run[0]
     path = str(out / "synthetic.parquet")
     table = pq.read_table(path)
     assert tuple(table.column_names) == OUTPUT_COLUMNS
@@ -128,7 +142,7 @@ def test_output_contract(demo_run):
 
 def test_manifest_funnel_and_report(demo_run):
     """The manifest's funnel ends at the written row count; the record and report are present."""
-    out, _ = demo_run
+    out = demo_run[0]
     manifest = json.loads((out / "manifest.json").read_text())
     n_rows = pq.read_metadata(out / "synthetic.parquet").num_rows
     funnel = manifest["counts"]["funnel"]
@@ -153,17 +167,33 @@ def test_manifest_funnel_and_report(demo_run):
     )
 
 
-def test_no_real_text_leaves_stage_one(demo_run, capfd):
-    """A canary planted in the real data appears in no output file."""
-    out, _ = demo_run
+def test_no_real_text_leaves_stage_one(demo_run):
+    """A canary planted in the real data appears in no output file and no driver output, with the
+    audit off and on."""
+    out, _, log, _ = demo_run
+    assert (out / "audit.parquet").exists()
     for path in out.rglob("*"):
         if path.is_file():
             assert CANARY.encode() not in path.read_bytes(), path
+    assert CANARY not in log and "targets: real rows" in log
+
+
+def test_audit_is_reported_and_never_changes_the_selection(demo_run):
+    """The audit adds audit.parquet and a labelled report section; synthetic.parquet is
+    identical with and without it."""
+    out, _, _, synthetic_without_audit = demo_run
+    synthetic = pq.read_table(out / "synthetic.parquet")
+    assert synthetic.equals(pq.read_table(io.BytesIO(synthetic_without_audit)))
+    audit = pq.read_table(out / "audit.parquet")
+    assert sorted(audit.column("id").to_pylist()) == sorted(synthetic.column("id").to_pylist())
+    assert all(0 <= r < 48 for r in audit.column("nearest_real_row").to_pylist())
+    report = (out / "report.md").read_text()
+    assert "outside the DP guarantee" in report and (out / "plots/audit_distances.png").exists()
 
 
 def test_rerun_resumes_without_recomputing(demo_run, capsys):
     """The same command again keeps every finished solve and recomputes none."""
-    out, argv = demo_run
+    out, argv = demo_run[:2]
     before = sorted(p.name for p in (out / "solves").iterdir())
     targets_before = (out / "targets.safetensors").read_bytes()
     assert cli.main(argv) == 0
