@@ -14,7 +14,8 @@ from gradmm_ray.audit import AUDIT_FILE, audit_table
 from gradmm_ray.config import Config
 from gradmm_ray.data import RealExamples, check_verbalizers, load_real_examples
 from gradmm_ray.lm import load_causal_lm, load_tokenizer, resolve_model_source
-from gradmm_ray.storage import RUN_FILE, OutputDir, check_output_dir
+from gradmm_ray.storage import RUN_FILE, OutputDir, OutputError, check_output_dir
+from gradmm_ray.targets import TARGETS_FILE
 
 
 @dataclass
@@ -44,14 +45,11 @@ def prepare(cfg: Config, *, overwrite: bool) -> Prepared:
     source = resolve_model_source(cfg.model.name)
     tokenizer = load_tokenizer(source, cfg.model.revision, cfg.model.trust_remote_code)
     check_verbalizers(tokenizer, cfg.data.verbalizers)
-    needs_targets = "targets" in cfg.stages and not (
-        mode == "resume" and out.exists("targets.safetensors")
-    )
-    if not needs_targets and not out.exists("targets.safetensors"):
-        from gradmm_ray.storage import OutputError
-
+    has_targets = out.exists(TARGETS_FILE)
+    needs_targets = "targets" in cfg.stages and not (mode == "resume" and has_targets)
+    if not needs_targets and not has_targets:
         raise OutputError(
-            f"output {out.uri!r} has no targets.safetensors: run the targets stage first (--stages targets,...)"
+            f"output {out.uri!r} has no {TARGETS_FILE}: run the targets stage first (--stages targets,...)"
         )
     needs_real = needs_targets or (cfg.audit.enabled and "select" in cfg.stages)
     real = load_real_examples(cfg.data, cfg.seed) if needs_real else None
@@ -59,13 +57,14 @@ def prepare(cfg: Config, *, overwrite: bool) -> Prepared:
 
 
 def run(prep: Prepared) -> RunSummary:
+    # Ray and the stages are imported only now: bad input fails in a second, before Ray loads.
     import ray
 
     from gradmm_ray import report
     from gradmm_ray.ray_env import actor_gpus, init_ray, quiet_ray_data
     from gradmm_ray.select import SYNTHETIC_FILE, score_candidates, select_rows, synthetic_table
     from gradmm_ray.solve import read_solves, run_solve
-    from gradmm_ray.targets import TARGETS_FILE, read_targets, run_targets
+    from gradmm_ray.targets import read_targets, run_targets
 
     cfg, out = prep.cfg, prep.out
     summary = RunSummary(output=out.uri, mode=prep.mode)
@@ -101,8 +100,6 @@ def run(prep: Prepared) -> RunSummary:
         t0 = time.perf_counter()
         solves = read_solves(out)
         if solves is None:
-            from gradmm_ray.storage import OutputError
-
             raise OutputError(f"output {out.uri!r} has no solves: run the solve stage first")
         scored = score_candidates(solves, targets, cfg, num_gpus=actor_gpus(cfg.solve.num_gpus))
         selection = select_rows(scored.to_pylist(), cfg.select, sorted(cfg.data.verbalizers))
