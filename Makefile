@@ -44,8 +44,9 @@ bench: install
 
 # Re-resolve the tested set from pyproject's ranges (run after changing dependencies).
 lock: install
-	$(PY) -m pip freeze --exclude-editable | sed 's/+cpu//' | sort -f > constraints.txt.new
-	@(head -2 constraints.txt; cat constraints.txt.new) > constraints.txt && rm constraints.txt.new
+	@grep '^#' constraints.txt > constraints.txt.new
+	$(PY) -m pip freeze --exclude-editable | sed 's/+cpu//' | sort -f >> constraints.txt.new
+	@mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
