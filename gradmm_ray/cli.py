@@ -34,6 +34,7 @@ are kept. Bad input stops the job with one line naming the problem, before any c
 """
 
 EXIT_USER_ERROR = 2
+EXIT_STAGE_FAILED = 1
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -116,6 +117,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except user_errors() as e:
         print(f"distill.py: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    summary = pipeline.run(prep)
+    from gradmm_ray.ray_env import StageFailed
+
+    try:
+        summary = pipeline.run(prep)
+    except StageFailed as e:
+        print(f"distill.py: error: {e}", file=sys.stderr)
+        return EXIT_STAGE_FAILED
     print(format_summary(summary))
     return 0

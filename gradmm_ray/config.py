@@ -119,6 +119,15 @@ class SelectConfig:
 
 
 @dataclass(frozen=True)
+class ExecutionConfig:
+    """How long to wait and how often to retry before a stage fails with a clear error."""
+
+    stall_timeout_s: float = 1800.0  # no progress this long (e.g. no GPU node comes up): fail
+    max_actor_restarts: int = 3  # an actor that keeps dying ends the stage after this many
+    max_task_retries: int = 3  # a batch whose actor died is re-run at most this many times
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     # Reads the real data again after the DP release: its output is outside the guarantee.
     enabled: bool = False
@@ -134,6 +143,7 @@ class Config:
     solve: SolveConfig = field(default_factory=SolveConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     output: str = "outputs/demo"
     seed: int = 0
     stages: tuple[str, ...] = STAGES
@@ -145,7 +155,7 @@ class Config:
         """The settings that determine the results; resource and stage choices are left out so
         that a resumed run may use a different cluster or run a later stage."""
         d = self.to_dict()
-        for key in ("output", "stages", "audit"):  # the audit never changes the results
+        for key in ("output", "stages", "audit", "execution"):  # these never change results
             d.pop(key)
         for section in ("targets", "solve"):
             d[section] = {
@@ -458,6 +468,19 @@ def validate(cfg: Config) -> list[str]:
             f"select.few_shot[{i}]: got {demo!r}, expected {{text, label}} with a label from data.verbalizers",
         )
 
+    e = cfg.execution
+    need(
+        e.stall_timeout_s > 0 or e.stall_timeout_s == -1,
+        f"execution.stall_timeout_s: got {e.stall_timeout_s}, expected > 0 or -1 (never)",
+    )
+    need(
+        e.max_actor_restarts >= 0,
+        f"execution.max_actor_restarts: got {e.max_actor_restarts}, expected >= 0",
+    )
+    need(
+        e.max_task_retries >= 0,
+        f"execution.max_task_retries: got {e.max_task_retries}, expected >= 0",
+    )
     need(bool(cfg.output), "output: must not be empty")
     need(
         len(cfg.stages) >= 1 and all(st in STAGES for st in cfg.stages),

@@ -60,11 +60,7 @@ def run(prep: Prepared) -> RunSummary:
     # Ray and the stages are imported only now: bad input fails in a second, before Ray loads.
     import ray
 
-    from gradmm_ray import report
-    from gradmm_ray.ray_env import actor_gpus, init_ray, quiet_ray_data
-    from gradmm_ray.select import SYNTHETIC_FILE, score_candidates, select_rows, synthetic_table
-    from gradmm_ray.solve import read_solves, run_solve
-    from gradmm_ray.targets import read_targets, run_targets
+    from gradmm_ray.ray_env import configure_ray_data, init_ray
 
     cfg, out = prep.cfg, prep.out
     summary = RunSummary(output=out.uri, mode=prep.mode)
@@ -72,7 +68,23 @@ def run(prep: Prepared) -> RunSummary:
         out.clear()
     out.write_json(RUN_FILE, {"fingerprint": cfg.fingerprint_dict(), "config": cfg.to_dict()})
     summary.cluster, started_ray = init_ray()
-    quiet_ray_data()
+    try:
+        configure_ray_data(cfg.execution)
+        _run_stages(prep, summary)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    return summary
+
+
+def _run_stages(prep: Prepared, summary: RunSummary) -> None:
+    from gradmm_ray import report
+    from gradmm_ray.ray_env import actor_gpus, stage_errors
+    from gradmm_ray.select import SYNTHETIC_FILE, score_candidates, select_rows, synthetic_table
+    from gradmm_ray.solve import read_solves, run_solve
+    from gradmm_ray.targets import read_targets, run_targets
+
+    cfg, out = prep.cfg, prep.out
     started = time.perf_counter()
 
     if prep.run_targets:
@@ -80,14 +92,16 @@ def run(prep: Prepared) -> RunSummary:
         summary.counts["real_rows_used"] = dict(prep.real.counts)
         gpus = actor_gpus(cfg.targets.num_gpus)
         model_revision = _model_revision(cfg)
-        result = run_targets(prep.real, cfg, out, num_gpus=gpus, model_revision=model_revision)
+        with stage_errors("targets"):
+            result = run_targets(prep.real, cfg, out, num_gpus=gpus, model_revision=model_revision)
         summary.timings["targets"] = result.seconds
         summary.files.append(TARGETS_FILE)
     targets, record = read_targets(out)
     summary.privacy = record["privacy"]
 
     if "solve" in cfg.stages:
-        stats = run_solve(targets, cfg, out, num_gpus=actor_gpus(cfg.solve.num_gpus))
+        with stage_errors("solve"):
+            stats = run_solve(targets, cfg, out, num_gpus=actor_gpus(cfg.solve.num_gpus))
         summary.timings["solve"] = stats.seconds
         summary.counts["solve"] = {
             "work_items": stats.total,
@@ -101,7 +115,8 @@ def run(prep: Prepared) -> RunSummary:
         solves = read_solves(out)
         if solves is None:
             raise OutputError(f"output {out.uri!r} has no solves: run the solve stage first")
-        scored = score_candidates(solves, targets, cfg, num_gpus=actor_gpus(cfg.solve.num_gpus))
+        with stage_errors("select"):
+            scored = score_candidates(solves, targets, cfg, num_gpus=actor_gpus(cfg.solve.num_gpus))
         selection = select_rows(scored.to_pylist(), cfg.select, sorted(cfg.data.verbalizers))
         out.write_parquet(SYNTHETIC_FILE, synthetic_table(selection.rows, cfg))
         summary.timings["select"] = time.perf_counter() - t0
@@ -118,9 +133,6 @@ def run(prep: Prepared) -> RunSummary:
     summary.timings["total"] = time.perf_counter() - started
     report.write_manifest(out, cfg, summary, record)
     summary.files.append(report.MANIFEST_FILE)
-    if started_ray:
-        ray.shutdown()
-    return summary
 
 
 def run_audit(real: RealExamples, selected: list[dict], cfg: Config):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 import ray
+
+from gradmm_ray.config import ExecutionConfig
 
 
 def init_ray() -> tuple[str, bool]:
@@ -38,8 +42,35 @@ def actor_gpus(setting: float | str) -> float:
     return float(setting)
 
 
-def quiet_ray_data() -> None:
-    """Our own progress bars (rows, solved examples) replace Ray Data's per-operator bars."""
+def configure_ray_data(cfg: ExecutionConfig) -> None:
+    """Our own progress bars (rows, solved examples) replace Ray Data's per-operator bars; a
+    stage that makes no progress for `stall_timeout_s` fails instead of hanging."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    ctx.execution_no_progress_timeout_s = cfg.stall_timeout_s
+
+
+def actor_retry_args(cfg: ExecutionConfig) -> dict[str, int]:
+    """Ray remote args for a stage's actors: finite restarts, so a crashing actor ends the job."""
+    return {"max_restarts": cfg.max_actor_restarts, "max_task_retries": cfg.max_task_retries}
+
+
+class StageFailed(RuntimeError):
+    """A stage could not finish on the cluster (actors kept dying, no progress)."""
+
+
+@contextlib.contextmanager
+def stage_errors(stage: str) -> Iterator[None]:
+    """Turn a cluster failure inside ``stage`` into one StageFailed line for the user."""
+    from ray.data.exceptions import ExecutionTimeoutError
+
+    try:
+        yield
+    except (ray.exceptions.RayError, ExecutionTimeoutError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        cause = lines[0] if lines else e.__class__.__name__
+        raise StageFailed(
+            f"stage {stage} failed on the cluster: {e.__class__.__name__}: {cause} "
+            "(finished work is kept; re-run the same command to resume)"
+        ) from e

@@ -27,6 +27,7 @@ from gradmm_ray.config import Config, SelectConfig
 from gradmm_ray.data import encode_pair, format_prompt
 from gradmm_ray.headgrad import head_logits, logits_grad, match_loss
 from gradmm_ray.lm import CausalLM, load_causal_lm
+from gradmm_ray.ray_env import actor_retry_args
 from gradmm_ray.targets import blocks_of
 
 SYNTHETIC_FILE = "synthetic.parquet"
@@ -164,6 +165,7 @@ def score_candidates(solves: pa.Table, targets: dict, cfg: Config, *, num_gpus: 
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.solve.max_actors),
         num_gpus=num_gpus,
         num_cpus=cfg.solve.num_cpus,
+        **actor_retry_args(cfg.execution),
     )
     table = pa.concat_tables(list(scored.iter_batches(batch_size=None, batch_format="pyarrow")))
     return table.sort_by([("synthetic_id", "ascending"), ("rho", "ascending")])

@@ -22,6 +22,7 @@ from gradmm_ray.admm import SequenceLayout, Target, solve_batch
 from gradmm_ray.config import Config
 from gradmm_ray.lm import load_causal_lm
 from gradmm_ray.projection import allowed_token_mask
+from gradmm_ray.ray_env import actor_retry_args
 from gradmm_ray.storage import OutputDir
 from gradmm_ray.targets import blocks_of
 
@@ -187,6 +188,7 @@ def run_solve(
             compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
             num_gpus=num_gpus,
             num_cpus=s.num_cpus,
+            **actor_retry_args(cfg.execution),
         )
         with tqdm(
             total=len(items), initial=stats.skipped, desc="solve: synthetic examples", unit="ex"

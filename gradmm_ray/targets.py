@@ -33,6 +33,7 @@ from gradmm_ray.headgrad import (
 )
 from gradmm_ray.lm import load_causal_lm
 from gradmm_ray.privacy import PrivacyRecord, noise_generator, privacy_record, release_noisy_means
+from gradmm_ray.ray_env import actor_retry_args
 from gradmm_ray.storage import OutputDir
 
 TARGETS_FILE = "targets.safetensors"
@@ -128,6 +129,7 @@ def clean_class_sums(
         compute=ray.data.ActorPoolStrategy(min_size=t.min_actors, max_size=t.max_actors),
         num_gpus=num_gpus,
         num_cpus=t.num_cpus,
+        **actor_retry_args(cfg.execution),
     )
     sums: dict[str, dict[str, torch.Tensor]] = {}
     counts: dict[str, int] = {}
