@@ -260,6 +260,12 @@ def format_summary(summary) -> str:
         )
     if "funnel" in c:
         lines.append("  select   " + " -> ".join(f"{f['step']} {f['rows']}" for f in c["funnel"]))
+        empty = [label for label, n in c["funnel"][-1]["per_class"].items() if n == 0]
+        if empty:
+            lines.append(
+                f"  warning  no example selected for {', '.join(empty)}: generate more candidates "
+                "(solve.candidates_per_class) or relax the label check (select.min_label_prob)"
+            )
     if summary.privacy:
         p = summary.privacy
         lines.append(
