@@ -52,8 +52,10 @@ def configure_ray_data(cfg: ExecutionConfig) -> None:
 
 
 def actor_retry_args(cfg: ExecutionConfig) -> dict[str, int]:
-    """Ray remote args for a stage's actors: finite restarts, so a crashing actor ends the job."""
-    return {"max_restarts": cfg.max_actor_restarts, "max_task_retries": cfg.max_task_retries}
+    """Ray remote args for a stage's actors. Restarts are finite, so a crash-looping actor ends
+    the stage; task retries are not, because Ray counts retries to a dead node's actor until the
+    node is declared dead, and a finite budget can run out during one lost node."""
+    return {"max_restarts": cfg.max_actor_restarts, "max_task_retries": -1}
 
 
 class StageFailed(RuntimeError):
