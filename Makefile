@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install demo test lint format bench lock clean
+.PHONY: install demo test lint format bench quality lock clean
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ format: install
 
 bench: install
 	$(PY) jobs/benchmark.py --json outputs/benchmark.json
+
+# The quality experiment (~10 min on 2 cores): quality.* in the same JSON, outputs/quality/results.md.
+quality: install
+	$(PY) jobs/quality.py --json outputs/benchmark.json
 
 # Re-resolve the tested set from pyproject's ranges (run after changing dependencies).
 lock: install

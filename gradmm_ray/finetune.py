@@ -817,6 +817,15 @@ class PlainBackend:
         return nullcontext()
 
 
+def mean_over_workers(value: float, world_size: int, device: torch.device) -> float:
+    """The mean of a per-worker number over the workers (each saw an equal share of a batch)."""
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return float(total) / world_size
+
+
 def run_one(
     spec: RunSpec,
     backend: Backend,
@@ -852,7 +861,7 @@ def run_one(
                 record[f"{split}_accuracy"] = r.accuracy
                 record[f"{split}_loss"] = r.loss
                 record[f"{split}_completion_loss"] = r.completion_loss
-        if set_rows:
+        if set_rows and evals.grad_reference:
             lm = CausalLM(backend.unwrapped(), tokenizer, "", None, device, torch.float32)
             with backend.full_head():
                 record.update(
@@ -876,7 +885,7 @@ def run_one(
         backend.step(loss)
         losses.append(float(loss.detach()))
         if step % protocol.eval_every == 0 or step == spec.steps:
-            checkpoint(step, float(np.mean(losses)))
+            checkpoint(step, mean_over_workers(float(np.mean(losses)), world_size, device))
             losses = []
     return records
 
@@ -1183,8 +1192,8 @@ def plot_accuracy(runs: Sequence[dict[str, Any]], title: str = "test accuracy (c
     lo = max(0.0, min(acc) - max(err + [0]) - 10)
     ax.set_xlim(lo, 100)
     ax.set_title(title)
-    for yi, a in zip(y, acc, strict=True):
-        ax.text(a + 0.5, yi, f"{a:.1f}", va="center", fontsize=8)
+    for yi, a, e in zip(y, acc, err, strict=True):
+        ax.text(a + e + 0.8, yi, f"{a:.1f}", va="center", fontsize=8)
     return fig
 
 
@@ -1209,7 +1218,7 @@ def plot_grad_error(runs: Sequence[dict[str, Any]], title: str = "last-layer gra
             mean = np.array([c[key] for c in points])
             std = np.array([c[spread] for c in points])
             ax.plot(steps, mean, marker="o", ms=3, label=f"{r['name']} (n={r['n_train']})")
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.15)
+            ax.fill_between(steps, np.maximum(mean - std, 0.0), mean + std, alpha=0.15)
         ax.set_xlabel("fine-tuning step")
         ax.set_ylabel("‖G(set) − G(real)‖ / ‖G(real)‖")
         ax.set_yscale("symlog", linthresh=0.01)  # spans 0 (full) to >10 (step 0)
@@ -1238,6 +1247,10 @@ def results_table(runs: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _listed(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:g}" for v in values)
+
+
 def results_markdown(metrics: dict[str, Any]) -> str:
     p, s = metrics["protocol"], metrics["splits"]
     lines = [
@@ -1249,7 +1262,7 @@ def results_markdown(metrics: dict[str, Any]) -> str:
         "",
         "Accuracy and loss are on the TEST split, at the learning rate and checkpoint with the best "
         "DEV accuracy for each seed (TEST never takes part in the choice); ± is the sample standard "
-        f"deviation over seeds {p['seeds']}. Zero-shot is one deterministic evaluation. The "
+        f"deviation over seeds {_listed(p['seeds'])}. Zero-shot is one deterministic evaluation. The "
         "gradient error is ‖G(set) − G(real)‖ / ‖G(real)‖ of the LM head's completion cross-entropy "
         "gradient at the current parameters, at the chosen learning rates, at the last step; in "
         "brackets the mean over classes of the per-class error (GRADMM matches one gradient per "
@@ -1264,7 +1277,7 @@ def results_markdown(metrics: dict[str, Any]) -> str:
         "## Protocol",
         "",
         f"* {p['steps']} steps, global batch {p['batch_size']}, AdamW (weight decay "
-        f"{p['weight_decay']}), linear decay to 0, learning rates {p['lrs']}, evaluation every "
+        f"{p['weight_decay']}), linear decay to 0, learning rates {_listed(p['lrs'])}, evaluation every "
         f"{p['eval_every']} steps, gradient clipping {p['max_grad_norm']}, loss `{p['loss']}`.",
         f"* Workers: {metrics['workers']['num_workers']} x ({metrics['workers']['strategy']}"
         + (
@@ -1280,10 +1293,16 @@ def results_markdown(metrics: dict[str, Any]) -> str:
         "herding and k-center run on mean-pooled hidden states of the pretrained model.",
     ]
     if s.get("generation_rows_known"):
+        overlap = s["dev_rows_used_by_generation"]
         lines.append(
-            f"* The --train set was generated from {s['generation_rows']} rows of `{s['train_split']}`: "
-            f"they are kept out of TEST; {s['dev_rows_used_by_generation']} of them had to go to DEV "
-            "(generation used nearly every row)."
+            f"* The --train set was generated from {s['generation_rows']} rows of "
+            f"`{s['train_split']}`: none is in TEST"
+            + (
+                f"; {overlap} are in DEV, since generation used (nearly) every row (DEV only "
+                "chooses lr and checkpoint)."
+                if overlap
+                else " or DEV."
+            )
         )
     else:
         lines.append(

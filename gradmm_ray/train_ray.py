@@ -16,7 +16,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import logging
 import os
+import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -179,6 +181,22 @@ def _describe(spec: RunSpec) -> str:
     return f"{spec.name} seed {spec.seed}" + (f" lr {spec.lr:g}" if spec.steps else "")
 
 
+def _progress(line: str) -> None:
+    # Past Ray Train's print patch, which would log the line twice (stdout and its logger).
+    sys.__stdout__.write(line + "\n")
+    sys.__stdout__.flush()
+
+
+def _quiet_report_logs() -> None:
+    # Ray Train 2.60 logs every ray.train.report at INFO under a logger named by its file path,
+    # which LoggingConfig(log_level) does not reach; our progress line per evaluation suffices.
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None:
     """The per-worker loop: every run of the job in turn, on a fresh copy of the model."""
     import ray.train
@@ -187,6 +205,7 @@ def train_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None:
     from gradmm_ray.lm import load_causal_lm
 
     job: TrainingJob = config["job"]
+    _quiet_report_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -221,9 +240,9 @@ def train_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None:
                     for k in ("dev_accuracy", "test_accuracy", "dev_loss", "grad_error")
                     if record.get(k) is not None
                 )
-                print(
-                    f"[finetune {i + 1}/{len(job.runs)}] {_describe(spec)} step {record['step']}/{spec.steps}: {shown}",
-                    flush=True,
+                _progress(
+                    f"[finetune {i + 1}/{len(job.runs)}] {_describe(spec)} "
+                    f"step {record['step']}/{spec.steps}: {shown}"
                 )
 
         records = run_one(
@@ -318,7 +337,7 @@ def embed_prompts(model: ModelConfig, prompts: list[str], gpus: float) -> Tensor
     import ray
 
     task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(_embed_task)
-    return torch.from_numpy(ray.get(task.remote(model, prompts)))
+    return torch.from_numpy(np.array(ray.get(task.remote(model, prompts))))  # a writable copy
 
 
 def storage_for(output: str) -> str:
