@@ -323,9 +323,9 @@ def _hwm() -> int:
 CPU_MEMORY_METHOD = (
     "CPU: each method runs in a fresh child process that builds the model and inputs first; "
     "freed heap memory is returned to the OS (malloc_trim) before the baseline; "
-    "peak = max(process RSS sampled every 1 ms by a psutil thread, kernel VmHWM after resetting it "
-    "through /proc/self/clear_refs) minus the RSS just before the method's warm-up, over warm-up "
-    "and timed runs."
+    "peak = the kernel's peak RSS (VmHWM, reset through /proc/self/clear_refs: exact, no "
+    "overhead) or, where that reset is not allowed, the max of the RSS sampled every 1 ms by a "
+    "psutil thread; minus the RSS just before the method's warm-up; over warm-up and timed runs."
 )
 CUDA_MEMORY_METHOD = (
     "CUDA: each method in a fresh child process; torch.cuda.max_memory_allocated() minus "
@@ -348,11 +348,12 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             return self
         _release_free_memory()
-        self.base = _rss()
+        self.base = self._max = _rss()
         self._hwm_ok = _reset_hwm()
-        self._max = self.base
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        self._thread = None
+        if not self._hwm_ok:  # fallback: a sampler (it competes for the GIL and the cores)
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
         return self
 
     def _sample(self) -> None:
@@ -364,8 +365,9 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated() - self.base
             return
-        self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
         top = max(self._max, _rss(), _hwm() if self._hwm_ok else 0)
         self.peak = max(0, top - self.base)
 
