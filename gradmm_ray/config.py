@@ -17,10 +17,10 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -28,6 +28,9 @@ STAGES = ("targets", "solve", "select")
 PROJECTION_RULES = ("paper", "reference")
 ADJACENCIES = ("add_remove", "replace_one")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -322,18 +325,26 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return dict(raw)
 
 
-def build_config(*layers: Mapping[str, Any]) -> Config:
-    """Merge raw layers (later wins) onto the defaults, coerce types and validate everything."""
+def build_typed(
+    cls: type[T], layers: Sequence[Mapping[str, Any]], validator: Callable[[T], list[str]]
+) -> T:
+    """Merge raw layers (later wins) onto the defaults of the dataclass ``cls``, coerce types,
+    run ``validator``; raise one ConfigError listing every problem."""
     raw: dict[str, Any] = {}
     for layer in layers:
         raw = _merge(raw, layer)
     errors: list[str] = []
-    cfg = _build(Config, raw, "", errors)
+    cfg = _build(cls, raw, "", errors)
     if not errors:
-        errors.extend(validate(cfg))
+        errors.extend(validator(cfg))
     if errors:
         raise ConfigError("; ".join(errors))
     return cfg
+
+
+def build_config(*layers: Mapping[str, Any]) -> Config:
+    """The distill job's Config from raw layers (later wins), validated."""
+    return build_typed(Config, layers, validate)
 
 
 # ---------------------------------------------------------------------------------------------

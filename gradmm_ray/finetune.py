@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradmm_ray.config import Config, ConfigError, DataConfig, ModelConfig, _build, _merge, validate
+from gradmm_ray.config import Config, ConfigError, DataConfig, ModelConfig, build_typed, validate
 from gradmm_ray.coreset import herding, kcenter_greedy
 from gradmm_ray.data import (
     DataError,
@@ -146,18 +146,9 @@ class FinetuneConfig:
 
 
 def build_finetune_config(*layers: dict[str, Any]) -> FinetuneConfig:
-    """Merge raw layers (later wins) onto the defaults, coerce types, validate everything."""
-    raw: dict[str, Any] = {}
-    for layer in layers:
-        raw = _merge(raw, layer)
-    errors: list[str] = []
-    # config.py's typed builder: the same coercion and "did you mean" messages as distill.py.
-    cfg = _build(FinetuneConfig, raw, "", errors)
-    if not errors:
-        errors.extend(validate_finetune(cfg))
-    if errors:
-        raise ConfigError("; ".join(errors))
-    return cfg
+    """Merge raw layers (later wins) onto the defaults, coerce types, validate everything: the
+    same typed builder, coercion and "did you mean" messages as distill.py."""
+    return build_typed(FinetuneConfig, layers, validate_finetune)
 
 
 def validate_finetune(cfg: FinetuneConfig) -> list[str]:
@@ -943,9 +934,9 @@ def generation_rows(manifest: dict[str, Any] | None, data: DataConfig) -> list[i
 
     if not same(str(gen.get("source")), data.source) or gen.get("split") != data.split:
         return None
-    errors: list[str] = []
-    gen_cfg = _build(DataConfig, gen, "data.", errors)
-    if errors:
+    try:
+        gen_cfg = build_typed(DataConfig, [gen], lambda _: [])
+    except ConfigError:
         return None
     real = load_real_examples(gen_cfg, int(manifest["config"].get("seed", 0)))
     return real.table.column("row").to_pylist()
