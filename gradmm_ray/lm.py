@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from gradmm_ray.config import ModelConfig
+
 TINY = "tiny"
 TINY_RECIPE_VERSION = "4"  # bump when the recipe below changes: a new cache entry is built
 TINY_EMBEDDING_NORM = 1.4
@@ -268,6 +270,17 @@ def load_causal_lm(
             f"model.name {name!r}: the model has no LM head (get_output_embeddings() is None)"
         )
     return CausalLM(model, tokenizer, name, _revision_of(model, revision), dev, torch_dtype)
+
+
+def load_model(cfg: ModelConfig) -> CausalLM:
+    """``load_causal_lm`` with every setting of the ``model`` config section."""
+    return load_causal_lm(
+        cfg.name,
+        revision=cfg.revision,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        trust_remote_code=cfg.trust_remote_code,
+    )
 
 
 def _revision_of(model, revision: str | None) -> str | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from gradmm_ray.audit import AUDIT_FILE, audit_table
 from gradmm_ray.config import Config
 from gradmm_ray.data import RealExamples, check_verbalizers, load_real_examples
-from gradmm_ray.lm import load_causal_lm, load_tokenizer, resolve_model_source
+from gradmm_ray.lm import load_model, load_tokenizer, resolve_model_source
 from gradmm_ray.storage import RUN_FILE, OutputDir, OutputError, check_output_dir
 from gradmm_ray.targets import TARGETS_FILE
 
@@ -137,14 +137,7 @@ def _run_stages(prep: Prepared, summary: RunSummary) -> None:
 
 def run_audit(real: RealExamples, selected: list[dict], cfg: Config):
     """The opt-in audit on the driver: reads real data, outside the DP guarantee."""
-    m = cfg.model
-    lm = load_causal_lm(
-        m.name,
-        revision=m.revision,
-        dtype=m.dtype,
-        device=m.device,
-        trust_remote_code=m.trust_remote_code,
-    )
+    lm = load_model(cfg.model)
     return audit_table(
         lm, selected, real.table.column("text").to_pylist(), real.table.column("row").to_pylist()
     )

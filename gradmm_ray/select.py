@@ -26,7 +26,7 @@ import torch
 from gradmm_ray.config import Config, SelectConfig
 from gradmm_ray.data import encode_pair, format_prompt
 from gradmm_ray.headgrad import head_logits, logits_grad, match_loss
-from gradmm_ray.lm import CausalLM, load_causal_lm
+from gradmm_ray.lm import CausalLM, load_model
 from gradmm_ray.ray_env import actor_retry_args
 from gradmm_ray.targets import blocks_of
 
@@ -77,14 +77,7 @@ class CandidateScorer:
     def __init__(self, cfg: Config, targets_ref: list):
         import ray
 
-        m = cfg.model
-        self.lm = load_causal_lm(
-            m.name,
-            revision=m.revision,
-            dtype=m.dtype,
-            device=m.device,
-            trust_remote_code=m.trust_remote_code,
-        )
+        self.lm = load_model(cfg.model)
         self.targets = {
             label: (
                 t["weight"].to(self.lm.device),

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from gradmm_ray.admm import SequenceLayout, Target, solve_batch
 from gradmm_ray.config import Config
-from gradmm_ray.lm import load_causal_lm
+from gradmm_ray.lm import load_model
 from gradmm_ray.projection import allowed_token_mask
 from gradmm_ray.ray_env import actor_retry_args
 from gradmm_ray.storage import OutputDir
@@ -75,14 +75,7 @@ class AdmmSolver:
     def __init__(self, cfg: Config, targets_ref: list):
         import ray
 
-        m = cfg.model
-        self.lm = load_causal_lm(
-            m.name,
-            revision=m.revision,
-            dtype=m.dtype,
-            device=m.device,
-            trust_remote_code=m.trust_remote_code,
-        )
+        self.lm = load_model(cfg.model)
         released = ray.get(targets_ref[0])  # once per actor, from the object store
         dev = self.lm.device
         self.targets = {

@@ -31,7 +31,7 @@ from gradmm_ray.headgrad import (
     head_logits,
     logits_grad,
 )
-from gradmm_ray.lm import load_causal_lm
+from gradmm_ray.lm import load_model
 from gradmm_ray.privacy import PrivacyRecord, noise_generator, privacy_record, release_noisy_means
 from gradmm_ray.ray_env import actor_retry_args
 from gradmm_ray.storage import OutputDir
@@ -44,14 +44,7 @@ class ClippedHeadGradSums:
     """Ray Data actor: a batch of real rows in, one row per class out (label, count, sums)."""
 
     def __init__(self, cfg: Config):
-        m = cfg.model
-        self.lm = load_causal_lm(
-            m.name,
-            revision=m.revision,
-            dtype=m.dtype,
-            device=m.device,
-            trust_remote_code=m.trust_remote_code,
-        )
+        self.lm = load_model(cfg.model)
         self.W, self.b = self.lm.head_params_fp32()
         self.tail = self.lm.logits_tail()
         self.template = cfg.data.prompt_template

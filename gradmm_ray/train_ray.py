@@ -202,7 +202,7 @@ def train_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None:
     import ray.train
     import ray.train.torch
 
-    from gradmm_ray.lm import load_causal_lm
+    from gradmm_ray.lm import load_model
 
     job: TrainingJob = config["job"]
     _quiet_report_logs()
@@ -216,13 +216,7 @@ def train_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None:
     m = job.model
     # fp32 master weights unless a dtype is asked for; mixed precision does the rest on GPUs.
     dtype = "float32" if m.dtype == "auto" else m.dtype
-    pretrained = load_causal_lm(
-        m.name,
-        revision=m.revision,
-        dtype=dtype,
-        device="cpu",
-        trust_remote_code=m.trust_remote_code,
-    )
+    pretrained = load_model(dataclasses.replace(m, dtype=dtype, device="cpu"))
     tokenizer = pretrained.tokenizer
     histories = []
     for i, spec in enumerate(job.runs):
@@ -323,12 +317,9 @@ def run_training(job: TrainingJob, *, storage_path: str, name: str) -> list[dict
 
 
 def _embed_task(model: ModelConfig, prompts: list[str]) -> np.ndarray:
-    from gradmm_ray.lm import load_causal_lm
+    from gradmm_ray.lm import load_model
 
-    lm = load_causal_lm(
-        model.name, revision=model.revision, dtype=model.dtype, device=model.device,
-        trust_remote_code=model.trust_remote_code,
-    )  # fmt: skip
+    lm = load_model(model)
     return mean_pooled_states(lm, prompts).numpy()
 
 
