@@ -9,8 +9,12 @@ generation prefix of the example's label plus the tokens chosen so far (GRADMM S
                    pick the LM's most probable among them (the authors' code).
 
 Special tokens are never candidates; ``word_like_only`` further keeps alphabetic tokens of at most
-17 characters. With the cache each position costs one incremental LM step, not a re-run of the
-prefix: O(n) instead of O(n²) over n positions.
+17 characters.
+
+Cost. With the cache each position costs one incremental LM step, not a re-run of the prefix:
+O(n) instead of O(n²) over n positions. The ``reference`` candidates do not depend on the LM, so
+they are found for all n positions in one matmul up front, and each step then scores only those k
+tokens from the last hidden state instead of applying the whole V-wide head.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from gradmm_ray.lm import CausalLM
 
 RULES = ("paper", "reference")
 MAX_WORD_CHARS = 17
+_COSINE_CHUNK = 1 << 26  # elements of one (rows, V) cosine block: 256 MiB in fp32
 
 
 def allowed_token_mask(tokenizer, vocab_size: int, *, word_like_only: bool) -> Tensor:
@@ -37,24 +42,80 @@ def allowed_token_mask(tokenizer, vocab_size: int, *, word_like_only: bool) -> T
     return allowed
 
 
-def choose_tokens(
-    u: Tensor, logits: Tensor, E: Tensor, E_unit: Tensor, allowed: Tensor, *, rule: str, k: int
-) -> Tensor:
-    """One position for N examples: u (N, d), next-token logits (N, V) -> token ids (N,)."""
-    k = min(k, int(allowed.sum()))
-    neg_inf = torch.finfo(torch.float32).min
-    if rule == "paper":
-        scores = logits.float().masked_fill(~allowed, neg_inf)
-        cand = scores.topk(k, dim=-1).indices  # (N, k)
-        dist = (E[cand] - u.unsqueeze(1)).square().sum(-1)  # (N, k)
-        pick = dist.argmin(dim=-1)
-    elif rule == "reference":
-        cos = (u / u.norm(dim=-1, keepdim=True).clamp(min=1e-12)) @ E_unit.T  # (N, V)
-        cand = cos.masked_fill(~allowed, neg_inf).topk(k, dim=-1).indices  # (N, k)
-        pick = logits.float().gather(1, cand).argmax(dim=-1)
-    else:
-        raise ValueError(f"admm.projection: got {rule!r}, expected one of {RULES}")
-    return cand.gather(1, pick.unsqueeze(1)).squeeze(1)
+def cosine_candidates(u: Tensor, E: Tensor, allowed: Tensor, k: int) -> Tensor:
+    """(..., d) -> (..., k): the k allowed tokens whose embeddings have the highest cosine to u,
+    best first. Row blocks bound the (rows, V) score matrix."""
+    E = E.float()
+    E_unit = E / E.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    flat = u.reshape(-1, u.shape[-1]).float()
+    flat = flat / flat.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    block = (~allowed).float() * torch.finfo(torch.float32).min  # (V,): 0 or "minus infinity"
+    rows = max(1, _COSINE_CHUNK // E.shape[0])
+    cand = [(chunk @ E_unit.T + block).topk(k, dim=-1).indices for chunk in flat.split(rows)]
+    return torch.cat(cand).reshape(*u.shape[:-1], k)
+
+
+class NextTokenLogits:
+    """Next-token logits of N left-padded prefixes that grow by one chosen token per step.
+
+    ``use_cache=True`` feeds only the new token through the base model with the KV cache and
+    applies the head to the last hidden state, only at the rows asked for. ``use_cache=False`` is
+    the reference implementation's way: the whole sequence through the full model at every step
+    (logits at every position), then the last position's row."""
+
+    def __init__(self, lm: CausalLM, prefixes: list[list[int]], *, use_cache: bool):
+        self.lm, self.use_cache = lm, use_cache
+        self.tail = lm.logits_tail()
+        ids, mask = _left_pad(prefixes, lm.tokenizer.pad_token_id)
+        self.ids, self.mask = ids.to(lm.device), mask.to(lm.device)
+        self.cache = None
+        self._forward(self.ids)
+
+    def append(self, tokens: Tensor) -> None:
+        """Extend every sequence by its chosen token, (N,)."""
+        step = tokens.unsqueeze(1)
+        self.ids = torch.cat([self.ids, step], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones_like(step)], dim=1)
+        self._forward(step if self.use_cache else self.ids)
+
+    def __call__(self, rows: Tensor | None = None) -> Tensor:
+        """Logits in fp32: all (N, V) when ``rows`` is None, else at token ids ``rows`` (N, k)."""
+        if not self.use_cache:
+            return self.logits if rows is None else self.logits.gather(1, rows)
+        if rows is None:
+            return self._tail(self.lm.head(self.hidden)).float()
+        head = self.lm.head
+        w = _rows(head.weight, rows).float()  # (N, k, d)
+        z = torch.bmm(w, self.hidden.float().unsqueeze(-1)).squeeze(-1)
+        if head.bias is not None:
+            z = z + _rows(head.bias, rows).float()
+        return self._tail(z)
+
+    def _forward(self, new_ids: Tensor) -> None:
+        position = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, -new_ids.shape[1] :]
+        if self.use_cache:
+            out = self.lm.model.base_model(
+                input_ids=new_ids,
+                attention_mask=self.mask,
+                position_ids=position,
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+            self.cache = out.past_key_values
+            self.hidden = out.last_hidden_state[:, -1]  # (N, d)
+        else:
+            out = self.lm.model(
+                input_ids=new_ids, attention_mask=self.mask, position_ids=position, use_cache=False
+            )
+            self.logits = out.logits[:, -1].float()  # (N, V)
+
+    def _tail(self, z: Tensor) -> Tensor:
+        return z if self.tail is None else self.tail(z)
+
+
+def _rows(table: Tensor, ids: Tensor) -> Tensor:
+    # table[ids] through index_select: several times faster than advanced indexing on CPU.
+    return table.index_select(0, ids.reshape(-1)).view(*ids.shape, *table.shape[1:])
 
 
 def _left_pad(prefixes: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -79,37 +140,25 @@ def project(
     use_cache: bool = True,
 ) -> Tensor:
     """Project U (N, n, d) to token ids (N, n). ``prefixes``: generation-prefix ids per example."""
+    if rule not in RULES:
+        raise ValueError(f"admm.projection: got {rule!r}, expected one of {RULES}")
     dev = lm.device
-    E = lm.input_embeddings.detach().float()  # (V, d)
-    E_unit = E / E.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    E = lm.input_embeddings.detach()  # (V, d)
     allowed = allowed.to(dev)
     U = U.to(dev).float()
-    ids, mask = _left_pad(prefixes, lm.tokenizer.pad_token_id)
-    ids, mask = ids.to(dev), mask.to(dev)
-    n = U.shape[1]
-    chosen = torch.empty((U.shape[0], n), dtype=torch.long, device=dev)
-    cache = None
-    step_ids = ids
-    for j in range(n):
-        if use_cache:
-            position = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
-            out = lm.model(
-                input_ids=step_ids,
-                attention_mask=mask,
-                position_ids=position,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache = out.past_key_values
+    k = min(k, int(allowed.sum()))
+    by_cosine = cosine_candidates(U, E, allowed, k) if rule == "reference" else None  # (N, n, k)
+    block = (~allowed).float() * torch.finfo(torch.float32).min
+    logits = NextTokenLogits(lm, prefixes, use_cache=use_cache)
+    chosen = torch.empty(U.shape[:2], dtype=torch.long, device=dev)
+    for j in range(U.shape[1]):
+        if rule == "paper":
+            cand = (logits() + block).topk(k, dim=-1).indices  # (N, k)
+            pick = (_rows(E, cand).float() - U[:, j].unsqueeze(1)).square().sum(-1).argmin(dim=-1)
         else:
-            position = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = lm.model(
-                input_ids=ids, attention_mask=mask, position_ids=position, use_cache=False
-            )
-        logits = out.logits[:, -1]  # (N, V)
-        tok = choose_tokens(U[:, j], logits, E, E_unit, allowed, rule=rule, k=k)
-        chosen[:, j] = tok
-        step_ids = tok.unsqueeze(1)
-        ids = torch.cat([ids, step_ids], dim=1)
-        mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+            cand = by_cosine[:, j]
+            pick = logits(cand).argmax(dim=-1)
+        chosen[:, j] = cand.gather(1, pick.unsqueeze(1)).squeeze(1)
+        if j + 1 < U.shape[1]:
+            logits.append(chosen[:, j])
     return chosen

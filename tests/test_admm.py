@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gradmm_ray import projection
 from gradmm_ray.admm import (
     MatchingObjective,
     SequenceLayout,
@@ -38,7 +40,7 @@ from gradmm_ray.headgrad import (
     logits_grad,
 )
 from gradmm_ray.lm import CausalLM
-from gradmm_ray.projection import allowed_token_mask, choose_tokens, project
+from gradmm_ray.projection import allowed_token_mask, cosine_candidates, project
 
 TEMPLATE = "{text} It was"
 COMPLETION = " great"
@@ -203,24 +205,32 @@ def literal_choice(u, logits, E, allowed, rule, k):
     return max(cands, key=lambda t: float(logits[t]))
 
 
-@pytest.mark.parametrize("rule", ["paper", "reference"])
-def test_choose_tokens_matches_literal_rule(rule):
-    """choose_tokens on a tiny random vocabulary (V=12, d=4, two ids disallowed) equals the
-    literal rule, for several k (including k >= number of allowed tokens)."""
+def test_cosine_candidates_match_literal_order(monkeypatch):
+    """cosine_candidates on a tiny random vocabulary (V=12, d=4, two ids disallowed) equals the
+    literal "sort allowed ids by cosine" for several k, whatever the row-block size."""
     g = torch.Generator().manual_seed(3)
-    V, d, N = 12, 4, 16
+    V, d = 12, 4
     E = torch.randn((V, d), generator=g)
-    E_unit = E / E.norm(dim=-1, keepdim=True)
     allowed = torch.ones(V, dtype=torch.bool)
     allowed[[0, 7]] = False
-    u = torch.randn((N, d), generator=g)
-    logits = torch.randn((N, V), generator=g)
-    for k in (1, 3, 5, 20):
-        got = choose_tokens(u, logits, E, E_unit, allowed, rule=rule, k=k)
-        want = [literal_choice(u[i], logits[i], E, allowed, rule, k) for i in range(N)]
-        assert got.tolist() == want, k
-    with pytest.raises(ValueError):
-        choose_tokens(u, logits, E, E_unit, allowed, rule="nearest", k=3)
+    u = torch.randn((3, 5, d), generator=g)  # (N, n, d): any leading shape
+    ids = [t for t in range(V) if allowed[t]]
+    for block_elements in (1 << 26, 2 * V):  # one block; blocks of two rows
+        monkeypatch.setattr(projection, "_COSINE_CHUNK", block_elements)
+        for k in (1, 3, 10):
+            got = cosine_candidates(u, E, allowed, k)
+            assert got.shape == (3, 5, k)
+            for i, j in itertools.product(range(3), range(5)):
+                cos = (E @ u[i, j]) / (E.norm(dim=-1) * u[i, j].norm())
+                want = sorted(ids, key=lambda t: -float(cos[t]))[:k]
+                assert got[i, j].tolist() == want, (block_elements, k, i, j)
+
+
+def test_project_rejects_unknown_rule(tiny_lm):
+    allowed = allowed_token_mask(tiny_lm.tokenizer, tiny_lm.vocab_size, word_like_only=False)
+    U = random_U(tiny_lm, 1, 2, seed=0)
+    with pytest.raises(ValueError, match="admm.projection"):
+        project(tiny_lm, U, prefix_ids(tiny_lm)[:1], allowed, rule="nearest", k=3)
 
 
 PREFIXES = ["A positive movie review:", "A review:", "A negative movie review: honestly, it was"]
@@ -256,20 +266,22 @@ def brute_force_project(lm, U, prefixes, allowed, rule, k):
     return out
 
 
+@pytest.mark.parametrize("k", [1, 7, 10_000])
 @pytest.mark.parametrize("rule", ["paper", "reference"])
-def test_project_matches_brute_force(tiny_lm, rule):
+def test_project_matches_brute_force(tiny_lm, rule, k):
     """project (KV-cached, left-padded batch of prefixes of different lengths) equals the
-    brute force that re-runs each full prefix alone, for both rules (k = 7)."""
+    brute force that re-runs each full prefix alone and applies the literal rule, for both rules
+    and k = 1, 7 and more than the vocabulary."""
     lm = tiny_lm
     allowed = allowed_token_mask(lm.tokenizer, lm.vocab_size, word_like_only=False)
     prefixes = prefix_ids(lm)
     U = random_U(lm, len(prefixes), 5, seed=4)
-    got = project(lm, U, prefixes, allowed, rule=rule, k=7)
+    got = project(lm, U, prefixes, allowed, rule=rule, k=k)
     assert got.shape == (len(prefixes), 5)
-    assert got.tolist() == brute_force_project(lm, U, prefixes, allowed, rule, 7)
+    assert got.tolist() == brute_force_project(lm, U, prefixes, allowed, rule, k)
 
 
-@pytest.mark.parametrize("arch", ["tiny", "llama", "gpt2", "phi"])
+@pytest.mark.parametrize("arch", ["tiny", "llama", "gpt2", "phi", "gemma2"])
 @pytest.mark.parametrize("rule", ["paper", "reference"])
 def test_project_cached_equals_uncached(tiny_lm, tiny_archs, arch, rule):
     """use_cache=True and use_cache=False choose identical tokens for a left-padded batch of
