@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 
 import ray
+import ray.data
 
 from gradmm_ray.config import ExecutionConfig
 
@@ -51,11 +53,39 @@ def configure_ray_data(cfg: ExecutionConfig) -> None:
     ctx.execution_no_progress_timeout_s = cfg.stall_timeout_s
 
 
-def actor_retry_args(cfg: ExecutionConfig) -> dict[str, int]:
-    """Ray remote args for a stage's actors. Restarts are finite, so a crash-looping actor ends
-    the stage; task retries are not, because Ray counts retries to a dead node's actor until the
-    node is declared dead, and a finite budget can run out during one lost node."""
-    return {"max_restarts": cfg.max_actor_restarts, "max_task_retries": -1}
+def map_on_actor_pool(
+    ds: ray.data.Dataset,
+    udf: type,
+    *,
+    constructor_kwargs: dict,
+    batch_size: int,
+    min_actors: int,
+    max_actors: int,
+    num_gpus: float,
+    num_cpus: float,
+    execution: ExecutionConfig,
+) -> ray.data.Dataset:
+    """``ds.map_batches(udf)`` on an autoscaling pool of ``udf`` actors, numpy batches.
+
+    Restarts are finite, so an actor that keeps dying mid-batch ends the stage (Ray Data's own
+    budget covers deaths in ``__init__``); task retries are not, because Ray counts retries to a
+    dead node's actor until the node is declared dead, and a finite budget can run out during one
+    lost node."""
+    with warnings.catch_warnings():
+        # Ray 2.60-2.63 takes actor restart limits only through **ray_remote_args, which warns
+        # that it is deprecated; pyproject caps ray below 2.64, where it goes.
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
+        return ds.map_batches(
+            udf,
+            fn_constructor_kwargs=constructor_kwargs,
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+            num_gpus=num_gpus,
+            num_cpus=num_cpus,
+            max_restarts=execution.max_actor_restarts,
+            max_task_retries=-1,
+        )
 
 
 class StageFailed(RuntimeError):

@@ -27,7 +27,7 @@ from gradmm_ray.config import Config, SelectConfig
 from gradmm_ray.data import encode_pair, format_prompt
 from gradmm_ray.headgrad import head_logits, logits_grad, match_loss
 from gradmm_ray.lm import CausalLM, load_model
-from gradmm_ray.ray_env import actor_retry_args
+from gradmm_ray.ray_env import map_on_actor_pool
 from gradmm_ray.targets import blocks_of
 
 SYNTHETIC_FILE = "synthetic.parquet"
@@ -51,12 +51,12 @@ OUTPUT_COLUMNS = (
 
 @torch.inference_mode()
 def completion_logprobs(
-    lm: CausalLM, pairs: list[tuple[list[int], int]]
+    lm: CausalLM, head: tuple[torch.Tensor, torch.Tensor | None], pairs: list[tuple[list[int], int]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per pair: the summed log-likelihood of its completion tokens and their count."""
+    """Per pair: the summed log-likelihood of its completion tokens and their count. ``head``:
+    ``lm.head_params_fp32()``, made once by the caller (a V x d copy on a bf16 model)."""
     A, targets, mask = lm.completion_states(pairs)
-    W, b = lm.head_params_fp32()
-    logits = head_logits(A, W, b)
+    logits = head_logits(A, *head)
     tail = lm.logits_tail()
     logp = torch.log_softmax(tail(logits) if tail else logits, dim=-1)
     tok = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask  # (N, T)
@@ -78,6 +78,7 @@ class CandidateScorer:
         import ray
 
         self.lm = load_model(cfg.model)
+        self.head = self.lm.head_params_fp32()
         self.targets = {
             label: (
                 t["weight"].to(self.lm.device),
@@ -105,7 +106,7 @@ class CandidateScorer:
                 )
                 for t in texts
             ]
-            total, count = completion_logprobs(self.lm, pairs)
+            total, count = completion_logprobs(self.lm, self.head, pairs)
             scores.append(total / count)
         probs = torch.softmax(torch.stack(scores, dim=1), dim=1)  # (N, K)
         own = torch.tensor([self.labels.index(lab) for lab in labels])
@@ -120,11 +121,10 @@ class CandidateScorer:
             (g + [int(x) for x in ids], len(g))
             for g, ids in zip(gen, batch["token_ids"], strict=True)
         ]
-        total, count = completion_logprobs(self.lm, ppl_pairs)
+        total, count = completion_logprobs(self.lm, self.head, ppl_pairs)
         log_ppl = -(total / count)
         # Matching loss of the final training pair.
         final_loss = torch.empty(len(texts))
-        W, b = self.lm.head_params_fp32()
         for label in sorted(set(labels)):
             idx = [i for i, lab in enumerate(labels) if lab == label]
             pairs = [
@@ -132,7 +132,7 @@ class CandidateScorer:
                 for i in idx
             ]
             A, targets, mask = self.lm.completion_states(pairs)
-            B = logits_grad(head_logits(A, W, b), targets, mask, self.lm.logits_tail())
+            B = logits_grad(head_logits(A, *self.head), targets, mask, self.lm.logits_tail())
             final_loss[idx] = match_loss(A, B, *self.targets[label]).cpu()
         out = dict(batch)
         out["label_prob"] = label_prob.numpy()
@@ -150,15 +150,16 @@ def score_candidates(solves: pa.Table, targets: dict, cfg: Config, *, num_gpus: 
     targets_ref = ray.put(targets)
     s = cfg.select
     ds = ray.data.from_arrow(blocks_of(solves, s.batch_size, cfg.solve.max_actors))
-    scored = ds.map_batches(
+    scored = map_on_actor_pool(
+        ds,
         CandidateScorer,
-        fn_constructor_kwargs={"cfg": cfg, "targets_ref": [targets_ref]},
+        constructor_kwargs={"cfg": cfg, "targets_ref": [targets_ref]},
         batch_size=s.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.solve.max_actors),
+        min_actors=1,
+        max_actors=cfg.solve.max_actors,
         num_gpus=num_gpus,
         num_cpus=cfg.solve.num_cpus,
-        **actor_retry_args(cfg.execution),
+        execution=cfg.execution,
     )
     table = pa.concat_tables(list(scored.iter_batches(batch_size=None, batch_format="pyarrow")))
     return table.sort_by([("synthetic_id", "ascending"), ("rho", "ascending")])

@@ -22,7 +22,7 @@ from gradmm_ray.admm import SequenceLayout, Target, solve_batch
 from gradmm_ray.config import Config
 from gradmm_ray.lm import load_model
 from gradmm_ray.projection import allowed_token_mask
-from gradmm_ray.ray_env import actor_retry_args
+from gradmm_ray.ray_env import map_on_actor_pool
 from gradmm_ray.storage import OutputDir
 from gradmm_ray.targets import blocks_of
 
@@ -173,15 +173,16 @@ def run_solve(
         targets_ref = ray.put(targets)
         items_table = pa.Table.from_pylist([asdict(it) for it in todo])
         ds = ray.data.from_arrow(blocks_of(items_table, s.batch_size, s.max_actors))
-        solved = ds.map_batches(
+        solved = map_on_actor_pool(
+            ds,
             AdmmSolver,
-            fn_constructor_kwargs={"cfg": cfg, "targets_ref": [targets_ref]},
+            constructor_kwargs={"cfg": cfg, "targets_ref": [targets_ref]},
             batch_size=s.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
+            min_actors=s.min_actors,
+            max_actors=s.max_actors,
             num_gpus=num_gpus,
             num_cpus=s.num_cpus,
-            **actor_retry_args(cfg.execution),
+            execution=cfg.execution,
         )
         with tqdm(
             total=len(items), initial=stats.skipped, desc="solve: synthetic examples", unit="ex"

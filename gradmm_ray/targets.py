@@ -33,7 +33,7 @@ from gradmm_ray.headgrad import (
 )
 from gradmm_ray.lm import load_model
 from gradmm_ray.privacy import PrivacyRecord, noise_generator, privacy_record, release_noisy_means
-from gradmm_ray.ray_env import actor_retry_args
+from gradmm_ray.ray_env import map_on_actor_pool
 from gradmm_ray.storage import OutputDir
 
 TARGETS_FILE = "targets.safetensors"
@@ -114,15 +114,16 @@ def clean_class_sums(
     ds = ray.data.from_arrow(
         blocks_of(real.table.select(["text", "label"]), t.rows_per_partial, 4 * t.max_actors)
     )
-    partials = ds.map_batches(
+    partials = map_on_actor_pool(
+        ds,
         ClippedHeadGradSums,
-        fn_constructor_kwargs={"cfg": cfg},
+        constructor_kwargs={"cfg": cfg},
         batch_size=t.rows_per_partial,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=t.min_actors, max_size=t.max_actors),
+        min_actors=t.min_actors,
+        max_actors=t.max_actors,
         num_gpus=num_gpus,
         num_cpus=t.num_cpus,
-        **actor_retry_args(cfg.execution),
+        execution=cfg.execution,
     )
     sums: dict[str, dict[str, torch.Tensor]] = {}
     counts: dict[str, int] = {}
