@@ -4,8 +4,10 @@
   (``prepare_config`` + ``validate_config``, i.e. ray/autoscaler/ray-schema.json of the
   installed ray) plus the deployment rules below.
 * cluster/kuberay/*.yaml: the KubeRay CRD openAPIV3Schema in tests/schemas/ (converted to a JSON
-  Schema, unknown fields rejected as ``kubectl apply`` does), Ray's own KubeRay-to-autoscaler
-  translation, and the same rules.
+  Schema, unknown fields rejected as ``kubectl apply`` does); every Pod template in them against
+  the upstream Kubernetes core/v1 schema (kubernetes-validate's bundled strict JSON schemas, for
+  the oldest and newest Kubernetes minor in KUBERNETES_VERSIONS); Ray's own KubeRay-to-autoscaler
+  translation; and the same rules.
 * cluster/runtime_env.yaml and the RayJob's runtimeEnvYAML: Ray's ``RuntimeEnv`` validation.
 
 Rules: Ray images match ``ray==`` in constraints.txt; the head advertises 0 CPUs and has no GPU;
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -42,6 +45,8 @@ CRDS = {
     "RayJob": SCHEMAS / "ray.io_rayjobs.yaml",
 }
 PAPER_CONFIG = ROOT / "jobs" / "configs" / "paper_sst2.yaml"
+# Oldest and newest Kubernetes minor the manifests are checked against (KubeRay 1.6 runs on both).
+KUBERNETES_VERSIONS = ("1.30", "1.37")
 
 RAY_PORTS = (6379, 8265, 10001)  # GCS, dashboard + Jobs API, Ray client
 WORLD = ("0.0.0.0/0", "::/0")
@@ -255,6 +260,35 @@ def crd_schema_problems(manifest: dict[str, Any]) -> Problems:
     for e in sorted(validator.iter_errors(manifest), key=lambda e: list(e.absolute_path)):
         where = "/".join(str(p) for p in e.absolute_path) or "<top>"
         problems.append(f"{where}: {e.message}")
+    return problems
+
+
+def pod_templates(manifest: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(path, template) of every Pod template in a RayCluster or RayJob."""
+    spec = manifest["spec"]
+    prefix = "spec/rayClusterSpec" if "rayClusterSpec" in spec else "spec"
+    cluster = spec.get("rayClusterSpec", spec)
+    yield f"{prefix}/headGroupSpec/template", cluster["headGroupSpec"]["template"]
+    for i, group in enumerate(cluster.get("workerGroupSpecs", [])):
+        yield f"{prefix}/workerGroupSpecs/{i}/template", group["template"]
+    if "submitterPodTemplate" in spec:
+        yield "spec/submitterPodTemplate", spec["submitterPodTemplate"]
+
+
+def pod_template_problems(manifest: dict[str, Any]) -> Problems:
+    """Each Pod template against Kubernetes' own core/v1 PodTemplateSpec schema (strict: unknown
+    fields rejected), for every version in KUBERNETES_VERSIONS; the first violation per template
+    and version, with its path."""
+    problems = []
+    for where, template in pod_templates(manifest):
+        # A core/v1 PodTemplate object carries exactly one PodTemplateSpec under `template`.
+        doc = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}}
+        for version in KUBERNETES_VERSIONS:
+            try:
+                kubernetes_validate.validate({**doc, "template": template}, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                inner = "/".join(str(p) for p in list(e.absolute_path)[1:])
+                problems.append(f"{where}/{inner} (Kubernetes {version}): {e.message}")
     return problems
 
 
@@ -494,6 +528,14 @@ def test_kuberay_manifest_matches_crd(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", [RAYCLUSTER, RAYJOB], ids=lambda p: p.name)
+def test_kuberay_pod_templates_match_kubernetes_schema(path: Path) -> None:
+    """Every Pod template validates against the upstream core/v1 schema (oldest and newest)."""
+    manifest = load(path)
+    assert len(list(pod_templates(manifest))) >= 2  # a head and at least one worker group
+    assert pod_template_problems(manifest) == []
+
+
+@pytest.mark.parametrize("path", [RAYCLUSTER, RAYJOB], ids=lambda p: p.name)
 def test_kuberay_cluster_policy(path: Path) -> None:
     """The RayClusterSpec (RayJob: its rayClusterSpec) follows the deployment rules."""
     manifest = load(path)
@@ -652,6 +694,21 @@ BREAKAGES = {
         _set(f"{GPU_G}/template/spec/containers/0/resources/limits/nvidia.com~1gpu", "one GPU"),
         crd_schema_problems,
     ),
+    "raycluster: misspelled affinity field": (
+        RAYCLUSTER,
+        _set(f"{GPU_G}/template/spec/affinity", {"nodeAfinity": {}}),
+        pod_template_problems,
+    ),
+    "raycluster: probe port as a list": (
+        RAYCLUSTER,
+        _set(f"{HEAD_C}/readinessProbe", {"tcpSocket": {"port": [6379]}}),
+        pod_template_problems,
+    ),
+    "raycluster: securityContext user as text": (
+        RAYCLUSTER,
+        _set(f"{GPU_G}/template/spec/securityContext", {"runAsUser": "ray"}),
+        pod_template_problems,
+    ),
     "raycluster: unknown auth mode": (
         RAYCLUSTER,
         _set("spec/authOptions/mode", "none"),
@@ -696,6 +753,14 @@ BREAKAGES = {
         RAYJOB,
         _set("spec/rayClusterSpec/workerGroupSpecs/0/maxReplicas", "eight"),
         crd_schema_problems,
+    ),
+    "rayjob: misspelled container field": (
+        RAYJOB,
+        _set(
+            "spec/rayClusterSpec/workerGroupSpecs/0/template/spec/containers/0/imagePulPolicy",
+            "Always",
+        ),
+        pod_template_problems,
     ),
     "rayjob: unknown spec field": (
         RAYJOB,
