@@ -527,6 +527,16 @@ def test_kuberay_manifest_matches_crd(path: Path) -> None:
     assert crd_schema_problems(load(path)) == []
 
 
+@pytest.mark.parametrize("kind", sorted(CRDS))
+def test_vendored_crd_is_a_valid_crd(kind: str) -> None:
+    """The vendored CRD file is itself a valid apiextensions.k8s.io/v1 CustomResourceDefinition
+    (Kubernetes' own schema, strict)."""
+    docs = [d for d in yaml.safe_load_all(CRDS[kind].read_text()) if d]
+    assert [d["kind"] for d in docs] == ["CustomResourceDefinition"]
+    for version in KUBERNETES_VERSIONS:
+        kubernetes_validate.validate(docs[0], version, strict=True)
+
+
 @pytest.mark.parametrize("path", [RAYCLUSTER, RAYJOB], ids=lambda p: p.name)
 def test_kuberay_pod_templates_match_kubernetes_schema(path: Path) -> None:
     """Every Pod template validates against the upstream core/v1 schema (oldest and newest)."""
