@@ -60,7 +60,7 @@ from gradmm_ray.headgrad import (  # noqa: E402
 from gradmm_ray.lm import CausalLM  # noqa: E402
 from gradmm_ray.projection import RULES, allowed_token_mask, project  # noqa: E402
 
-SUITES = ("stage1", "stage2", "projection", "scaling")
+SUITES = ("stage1", "stage2", "projection", "scaling", "gpu")
 
 # The benchmark model: Llama-style, realistic head, small body.
 MODEL_SHAPE = {
@@ -71,13 +71,33 @@ MODEL_SHAPE = {
     "num_attention_heads": 4,
     "num_key_value_heads": 4,
 }
+# The gpu suite's model: microsoft/phi-1_5's shape (1.4B parameters), randomly initialised, bf16.
+PHI_15_SHAPE = {
+    "vocab_size": 51200,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 32,
+    "partial_rotary_factor": 0.5,
+    "max_position_embeddings": 2048,
+}
+PHI_QUICK_SHAPE = {  # --quick: the same architecture, small enough for a CPU smoke test
+    "vocab_size": 32000,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "partial_rotary_factor": 0.5,
+    "max_position_embeddings": 256,
+}
+PAPER_CONFIG = Path(__file__).resolve().parent / "configs" / "paper_sst2.yaml"
 EMBEDDING_NORM = 1.4  # token embeddings at a real LM's scale (as the tiny model; Phi-1.5 ~1.4)
 PROMPT_TOKENS = 24  # mean prompt length of the stage-1 pairs (uniform in 20..28)
 FIRST_ID = 3  # ids 0..2 are pad / bos / eos
 CLIP_NORM = 1.0
 
 HELP = """\
-suites (default: all four; results are merged into an existing --json file by suite):
+suites (default: all five; results are merged into an existing --json file by suite):
 
   stage1      Per-example clipped LM-head gradient sum over the same N random (prompt, 1-token
               completion) pairs, three ways:
@@ -118,6 +138,18 @@ suites (default: all four; results are merged into an existing --json file by su
               fields: speedup_cached (the 'reference' rule's), speedup_cached_by_rule,
                 seconds {rule: {cached, uncached}}, identical_tokens (both rules, both variants
                 give the same ids). Goal: >= 4x.
+
+  gpu         The solver core alone (admm.solve_batch, no Ray) on a CUDA device, on a randomly
+              initialised model of Phi-1.5's shape (V=51200, d=2048, 24 layers) in bf16, with
+              jobs/configs/paper_sst2.yaml's ADMM settings (20 tokens, 30 outer x 50 inner, 500
+              init candidates, top-200 'reference' projection), one label, batch sizes 10 (the
+              paper config's), 40 and 160.
+              fields: by_batch {B: {seconds_per_example, peak_mem_bytes}}, and for the fastest:
+                seconds_per_example, batch_size, peak_mem_bytes, paper_run_items (2 classes x
+                candidates_per_class x rho values of the paper config) and paper_run_gpu_hours
+                (one GPU; the paper's anchor: about 2 hours on one H100). No goal. Skipped
+                without CUDA; --quick runs a tiny model of the same architecture, bf16, on
+                whatever device there is (a smoke test of this suite, not a figure).
 
   scaling     Ray stage 2 (gradmm_ray.solve.run_solve, tiny model, CPU actors) with 1 and 2
               actors on a local ray.init(num_cpus=4); skipped when Ray is not importable.
@@ -166,6 +198,8 @@ class Settings:
         )
     )
     scaling_warmup: bool = True  # one small discarded run first
+    gpu_batches: tuple[int, ...] = (10, 40, 160)
+    gpu_admm: AdmmConfig | None = None  # None: the paper config's admm section
 
 
 FULL = Settings()
@@ -183,12 +217,17 @@ QUICK = Settings(
     scaling_batch=1,
     scaling_admm=AdmmConfig(num_tokens=4, outer_iters=1, inner_steps=2, init_candidates=2, topk=50),
     scaling_warmup=False,
+    gpu_batches=(2,),
+    gpu_admm=AdmmConfig(num_tokens=4, outer_iters=1, inner_steps=2, init_candidates=2, topk=50),
 )
 
 
 def settings_from_dict(d: dict) -> Settings:
     d = dict(d)
-    for key in ("stage2_admm", "scaling_admm"):
+    d["gpu_batches"] = tuple(d["gpu_batches"])
+    for key in ("stage2_admm", "scaling_admm", "gpu_admm"):
+        if d[key] is None:
+            continue
         adm = dict(d[key])
         adm["rho"] = tuple(adm["rho"])
         d[key] = AdmmConfig(**adm)
@@ -943,6 +982,79 @@ def suite_scaling(s: Settings) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# GPU: the solver core at Phi-1.5's shape
+
+
+def build_phi(shape: dict, device: torch.device, dtype: torch.dtype) -> CausalLM:
+    """A randomly initialised Phi model of ``shape`` (seeded), built on ``device`` directly."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    config = PhiConfig(
+        **shape, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = PhiForCausalLM(config)
+    model.get_input_embeddings().weight.data.normal_(
+        0.0, EMBEDDING_NORM / math.sqrt(shape["hidden_size"])
+    )
+    model.to(dtype).eval().requires_grad_(False)
+    return CausalLM(model, StandInTokenizer(), "random-phi-1.5-shape", None, device, dtype)
+
+
+def paper_run() -> tuple[AdmmConfig, int]:
+    """The paper config's ADMM settings (word_like_only off: the stand-in tokenizer has no text)
+    and its number of work items (classes x candidates_per_class x rho values)."""
+    from gradmm_ray.config import build_config, load_yaml
+
+    cfg = build_config(load_yaml(PAPER_CONFIG))
+    items = len(cfg.data.label_names) * cfg.solve.candidates_per_class * len(cfg.admm.rho)
+    return replace(cfg.admm, word_like_only=False, rho=(1.0,)), items
+
+
+def suite_gpu(s: Settings, quick: bool) -> dict:
+    device = pick_device()
+    if device.type != "cuda" and not quick:
+        return {"skipped": "no CUDA device (--quick runs a CPU smoke test of this suite)"}
+    shape = PHI_QUICK_SHAPE if quick else PHI_15_SHAPE
+    admm, paper_items = paper_run()
+    admm = s.gpu_admm or admm
+    lm = build_phi(shape, device, torch.bfloat16)
+    layout = make_layout()
+    target = make_target(lm, layout)
+    allowed = allowed_token_mask(lm.tokenizer, lm.vocab_size, word_like_only=False)
+    warm = replace(admm, outer_iters=1, inner_steps=1, init_candidates=2, num_tokens=4)
+    solve_batch(lm, layout, target, [(0, 1.0)], warm, seed=0, allowed=allowed)  # kernels, caches
+    by_batch = {}
+    for batch in s.gpu_batches:
+        items = [(i, 1.0) for i in range(batch)]
+        with PeakMemory(device) as mem:
+            sync(device)
+            t0 = time.perf_counter()
+            solve_batch(lm, layout, target, items, admm, seed=0, allowed=allowed)
+            sync(device)
+            seconds = time.perf_counter() - t0
+        by_batch[str(batch)] = {"seconds_per_example": seconds / batch, "peak_mem_bytes": mem.peak}
+    best = min(by_batch, key=lambda b: by_batch[b]["seconds_per_example"])
+    per_example = by_batch[best]["seconds_per_example"]
+    return {
+        "by_batch": by_batch,
+        "seconds_per_example": per_example,
+        "batch_size": int(best),
+        "peak_mem_bytes": by_batch[best]["peak_mem_bytes"],
+        "paper_run_items": paper_items,
+        "paper_run_gpu_hours": per_example * paper_items / 3600,
+        "model": {
+            **shape,
+            "dtype": "bfloat16",
+            "params": sum(p.numel() for p in lm.model.parameters()),
+        },
+        "memory_method": CUDA_MEMORY_METHOD if device.type == "cuda" else CPU_MEMORY_METHOD,
+        "settings": {"admm": asdict(admm), "batches": list(s.gpu_batches)},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # Plumbing: tasks, goals, meta, output
 
 
@@ -1090,6 +1202,8 @@ def main(argv: list[str] | None = None) -> int:
             out = suite_stage2(s, lm, args.quick)
         elif suite == "projection":
             out = suite_projection(s, lm)
+        elif suite == "gpu":
+            out = suite_gpu(s, args.quick)
         else:
             out = suite_scaling(s)
             if "scaling_2_actors" in out:

@@ -1,0 +1,50 @@
+"""jobs/benchmark.py --quick: every non-Ray suite runs and writes the documented fields, and the
+exactness checks it reports hold (they compare two computations of the same quantity)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARK = Path(__file__).resolve().parent.parent / "jobs" / "benchmark.py"
+
+
+def run_benchmark(out: Path, *suites: str) -> dict:
+    cmd = [sys.executable, str(BENCHMARK), "--quick", "--json", str(out)]
+    for suite in suites:
+        cmd += ["--suite", suite]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_quick_benchmark_fields_and_exactness(tmp_path):
+    out = tmp_path / "bench.json"
+    res = run_benchmark(out, "stage1", "stage2", "projection")
+    s1, s2, proj = res["stage1"], res["stage2"], res["projection"]
+    # Same clipped sum three ways; same objective on identical trajectories; same tokens.
+    assert s1["max_rel_error"] <= 1e-5
+    assert s2["objective_gap"] <= 1e-4 and s2["same_init"]
+    assert proj["identical_tokens"]
+    for suite, keys in {
+        "stage1": ("speedup_vs_loop", "speedup_vs_vmap", "max_rel_error"),
+        "stage2": ("speedup_vs_reference", "peak_mem_ratio_vs_reference", "objective_gap"),
+        "projection": ("speedup_cached",),
+    }.items():
+        goals = res[suite]["goals"]
+        assert set(keys) <= set(goals), suite
+        for key in keys:
+            assert goals[key]["value"] == res[suite][key]
+            assert isinstance(goals[key]["met"], bool)
+    assert res["meta"]["suites_run"] == ["stage1", "stage2", "projection"]
+
+    # A later run of another suite merges into the same file and keeps the earlier suites.
+    merged = run_benchmark(out, "gpu")
+    assert merged["stage1"]["max_rel_error"] == s1["max_rel_error"]
+    gpu = merged["gpu"]
+    assert set(gpu["by_batch"]) == {str(gpu["batch_size"])}  # --quick: one batch size
+    assert gpu["seconds_per_example"] > 0 and gpu["peak_mem_bytes"] >= 0
+    assert gpu["model"]["dtype"] == "bfloat16"
+    assert gpu["paper_run_items"] == 2 * 100 * 3  # paper_sst2.yaml: 2 classes x 100 x 3 rho
