@@ -107,6 +107,7 @@ def _run_stages(prep: Prepared, summary: RunSummary) -> None:
             "work_items": stats.total,
             "already_done": stats.skipped,
             "solved_now": stats.solved,
+            "first_result_seconds": stats.first_result_seconds,
         }
         summary.files.append("solves/")
 

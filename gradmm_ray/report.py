@@ -255,8 +255,10 @@ def format_summary(summary) -> str:
         lines.append(f"  real     {c['real_rows_read']} rows read, used {c['real_rows_used']}")
     if "solve" in c:
         s = c["solve"]
+        first = s.get("first_result_seconds")
         lines.append(
             f"  solve    {s['work_items']} work items: {s['solved_now']} solved now, {s['already_done']} already done"
+            + (f" (first result after {first:.1f}s)" if first is not None else "")
         )
     if "funnel" in c:
         lines.append("  select   " + " -> ".join(f"{f['step']} {f['rows']}" for f in c["funnel"]))

@@ -156,6 +156,9 @@ class SolveStats:
     skipped: int
     solved: int
     seconds: float
+    # Stage start to the first finished batch: actor start-up (on a cluster, GPU nodes coming
+    # up), model load, one batch. None when nothing was left to solve.
+    first_result_seconds: float | None = None
 
 
 def run_solve(
@@ -191,6 +194,8 @@ def run_solve(
                 batch_size=None, batch_format="pyarrow", prefetch_batches=0
             ):
                 out.write_parquet(f"{SOLVES_DIR}/part-{uuid.uuid4().hex}.parquet", batch)
+                if stats.first_result_seconds is None:
+                    stats.first_result_seconds = time.perf_counter() - start
                 stats.solved += batch.num_rows
                 bar.update(batch.num_rows)
     stats.seconds = time.perf_counter() - start

@@ -152,12 +152,15 @@ suites (default: all five; results are merged into an existing --json file by su
                 whatever device there is (a smoke test of this suite, not a figure).
 
   scaling     Ray stage 2 (gradmm_ray.solve.run_solve, tiny model, CPU actors) with 1 and 2
-              actors on a local ray.init(num_cpus=4); skipped when Ray is not importable.
-              fields: examples_per_s {1, 2}, seconds {1, 2} (end-to-end, actor start-up and
-                model load included), items, cores; stage2.scaling_2_actors = throughput(2) /
-                throughput(1); actor_solve_seconds {1, 2} (summed time inside solve_batch) and
-                scaling_2_actors_in_actors = 2 busy(1) / busy(2) (steady state, assuming the
-                actors overlap). No goal: the ideal is 2; on a 2-core machine expect < 2.
+              actors on a local ray.init(num_cpus=4), 96 work items; skipped when Ray is not
+              importable.
+              fields: examples_per_s {1, 2}: the stage's steady rate, items solved after the
+                first result (less each actor's first batch) / time after the first result;
+                stage2.scaling_2_actors = examples_per_s(2) / examples_per_s(1);
+                first_result_seconds {1, 2} (actor start-up, model load, one batch) and seconds
+                {1, 2} (whole run); end_to_end_examples_per_s and end_to_end_scaling_2_actors
+                (start-up included). Goal: scaling_2_actors >= 1.7. Each actor takes one CPU,
+                so the goal needs two idle cores besides the driver and Ray's own processes.
 
 every suite also records: device, measured_at, quick, settings, suite_seconds,
   goals {field: {target, value, met}} and load_average [1-min load before, after]: other
@@ -190,7 +193,7 @@ class Settings:
     projection_batch: int = 8
     projection_k: int = 200
     projection_repeats: int = 3
-    scaling_per_class: int = 12  # two labels: 2x this many work items
+    scaling_per_class: int = 48  # two labels: 2x this many work items
     scaling_batch: int = 2
     scaling_admm: AdmmConfig = field(
         default_factory=lambda: AdmmConfig(
@@ -908,7 +911,7 @@ def suite_scaling(s: Settings) -> dict:
         return {"skipped": "ray is not importable in this environment"}
     from gradmm_ray.config import build_config
     from gradmm_ray.lm import load_causal_lm
-    from gradmm_ray.solve import read_solves, run_solve
+    from gradmm_ray.solve import run_solve
     from gradmm_ray.storage import OutputDir
 
     tiny = load_causal_lm("tiny", dtype="float32", device="cpu")  # builds the cache entry once
@@ -942,35 +945,34 @@ def suite_scaling(s: Settings) -> dict:
                     "output": tmp,
                 }
             )
-            out = OutputDir(tmp)
-            stats = run_solve(targets, cfg, out, num_gpus=0.0)
-            busy = sum(read_solves(out).column("solve_seconds").to_pylist())  # inside solve_batch
-            return stats, busy
+            return run_solve(targets, cfg, OutputDir(tmp), num_gpus=0.0)
 
-    seconds, throughput, busy = {}, {}, {}
+    items = len(labels) * s.scaling_per_class
+    runs = {}
     try:
         if s.scaling_warmup:  # Ray Data's first execution in a session pays one-off costs
             solve_with(1, 1)
         for actors in (1, 2):
-            stats, busy[str(actors)] = solve_with(actors, s.scaling_per_class)
-            seconds[str(actors)] = stats.seconds
-            throughput[str(actors)] = stats.solved / stats.seconds
+            runs[str(actors)] = stats = solve_with(actors, s.scaling_per_class)
+            assert stats.solved == items, (stats.solved, items)
     finally:
         if started:
             ray.shutdown()
+    rate, end_to_end = {}, {}
+    for actors, stats in runs.items():
+        # After the first result: every actor is up and past its first batch.
+        steady_items = items - int(actors) * s.scaling_batch
+        rate[actors] = steady_items / (stats.seconds - stats.first_result_seconds)
+        end_to_end[actors] = items / stats.seconds
     out = {
-        "examples_per_s": throughput,
-        "seconds": seconds,
-        "scaling_2_actors": throughput["2"] / throughput["1"],
-        "actor_solve_seconds": busy,
-        "scaling_2_actors_in_actors": 2 * busy["1"] / busy["2"],
-        "items": len(labels) * s.scaling_per_class,
+        "examples_per_s": rate,
+        "scaling_2_actors": rate["2"] / rate["1"],
+        "first_result_seconds": {a: st.first_result_seconds for a, st in runs.items()},
+        "seconds": {a: st.seconds for a, st in runs.items()},
+        "end_to_end_examples_per_s": end_to_end,
+        "end_to_end_scaling_2_actors": end_to_end["2"] / end_to_end["1"],
+        "items": items,
         "cores": os.cpu_count(),
-        "note": "examples_per_s and scaling_2_actors: end-to-end run_solve wall time (actor "
-        "start-up and model load included), CPU actors (num_cpus=1 each) on "
-        "ray.init(num_cpus=4). actor_solve_seconds: summed solve_batch time inside the actors; "
-        "scaling_2_actors_in_actors = 2 * busy(1) / busy(2) is the steady-state scaling if the two "
-        "actors overlapped perfectly (an upper bound: it sees CPU contention, not idle time).",
         "settings": {
             "model": "tiny",
             "warmup_run": s.scaling_warmup,
@@ -978,7 +980,8 @@ def suite_scaling(s: Settings) -> dict:
             "admm": asdict(s.scaling_admm),
         },
     }
-    return out  # no goal: the ideal is 2, bounded by the cores (2 here, shared with the driver)
+    out["goals"] = {"scaling_2_actors": goal(out["scaling_2_actors"], ">=", 1.7)}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

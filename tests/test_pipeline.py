@@ -4,6 +4,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -142,7 +143,7 @@ def test_output_contract(demo_run):
 
 def test_manifest_funnel_and_report(demo_run):
     """The manifest's funnel ends at the written row count; the record and report are present."""
-    out = demo_run[0]
+    out, _, log, _ = demo_run
     manifest = json.loads((out / "manifest.json").read_text())
     n_rows = pq.read_metadata(out / "synthetic.parquet").num_rows
     funnel = manifest["counts"]["funnel"]
@@ -151,6 +152,17 @@ def test_manifest_funnel_and_report(demo_run):
     assert manifest["privacy"]["n_per_class"] == {"negative": 24, "positive": 24}
     assert manifest["privacy"]["noise_multiplier"] > 0
     assert set(manifest["timings_seconds"]) >= {"targets", "solve", "select", "total"}
+    # The manifest is the second (audit) run's, which found every solve done.
+    assert manifest["counts"]["solve"] == {
+        "work_items": 6,
+        "already_done": 6,
+        "solved_now": 0,
+        "first_result_seconds": None,
+    }
+    first = re.search(
+        r"6 work items: 6 solved now, 0 already done \(first result after (\S+)s\)", log
+    )
+    assert first and float(first.group(1)) > 0
     assert manifest["versions"]["ray"] and manifest["config"]["privacy"]["epsilon"] == 1.0
     for rel in (
         "report.md",
@@ -197,7 +209,8 @@ def test_rerun_resumes_without_recomputing(demo_run, capsys):
     before = sorted(p.name for p in (out / "solves").iterdir())
     targets_before = (out / "targets.safetensors").read_bytes()
     assert cli.main(argv) == 0
-    assert "6 work items: 0 solved now, 6 already done" in capsys.readouterr().out
+    summary = capsys.readouterr().out
+    assert "6 work items: 0 solved now, 6 already done\n" in summary  # no first result to time
     assert sorted(p.name for p in (out / "solves").iterdir()) == before
     assert (out / "targets.safetensors").read_bytes() == targets_before
 
