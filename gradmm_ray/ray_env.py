@@ -51,6 +51,10 @@ def configure_ray_data(cfg: ExecutionConfig) -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.execution_no_progress_timeout_s = cfg.stall_timeout_s
+    # Per-dataset "execution finished" lines repeat the summary's timings; the one-time notice
+    # that Ray Data's bars are off is the point, not news.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def map_on_actor_pool(
