@@ -39,8 +39,10 @@ def logits_grad(
     weight = mask.float() / counts  # (N, T): 1/T_i on real positions, 0 on padding
     if tail is None:
         probs = torch.softmax(logits, dim=-1)  # (N, T, V)
-        onehot = torch.zeros_like(probs).scatter_(-1, targets.clamp(min=0).unsqueeze(-1), 1.0)
-        return (probs - onehot) * weight.unsqueeze(-1)
+        y = targets.clamp(min=0).unsqueeze(-1)  # (N, T, 1)
+        # softmax - onehot without a one-hot tensor; out of place: softmax's backward needs probs.
+        B = probs.scatter_add(-1, y, torch.full(y.shape, -1.0, device=y.device))
+        return B.mul_(weight.unsqueeze(-1))
     # Autograd through the tail only; keep the graph when the caller differentiates B itself.
     differentiable = logits.requires_grad
     with torch.enable_grad():
@@ -86,9 +88,11 @@ def clip_factors(sq_norms: Tensor, clip_norm: float | None) -> Tensor:
 def clipped_head_grad_sum(A: Tensor, B: Tensor, factors: Tensor) -> tuple[Tensor, Tensor]:
     """(Σᵢ cᵢ Bᵢᵀ Aᵢ, Σᵢ cᵢ 1ᵀ Bᵢ): (V, d) and (V,), one matmul over all N·T positions."""
     d, V = A.shape[-1], B.shape[-1]
-    scaled_b = (B * factors.view(-1, 1, 1)).reshape(-1, V)  # (N·T, V)
-    flat_a = A.reshape(-1, d)  # (N·T, d)
-    return scaled_b.T @ flat_a, scaled_b.sum(dim=0)
+    # cᵢ goes on the small side: Σᵢ cᵢ Bᵢᵀ Aᵢ = Bᵀ (c ⊙ A), and the bias sum is c ⊙ 1 times B.
+    weights = factors.repeat_interleave(A.shape[1])  # (N·T,)
+    flat_b = B.reshape(-1, V)  # (N·T, V)
+    scaled_a = A.reshape(-1, d) * weights.unsqueeze(1)  # (N·T, d)
+    return flat_b.T @ scaled_a, weights @ flat_b
 
 
 def head_grad_cosines(

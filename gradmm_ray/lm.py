@@ -173,8 +173,10 @@ class CausalLM:
         Returns A (N, T, d) in fp32, the completion targets (N, T) and a mask (N, T), T the longest
         completion; position t of a completion is predicted from hidden state n_prompt - 1 + t."""
         ids, attention, positions, targets, mask = pad_pairs(pairs, self.tokenizer.pad_token_id)
+        # No position reads the last column's state (a completion's last token predicts nothing),
+        # and causal states never depend on later columns: leave it out of the forward pass.
         hidden = self.hidden_states(
-            input_ids=ids.to(self.device), attention_mask=attention.to(self.device)
+            input_ids=ids[:, :-1].to(self.device), attention_mask=attention[:, :-1].to(self.device)
         )
         positions = positions.to(self.device)
         A = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (N, T, d)
