@@ -704,6 +704,11 @@ BREAKAGES = {
         _set(f"{GPU_G}/template/spec/containers/0/resources/limits/nvidia.com~1gpu", "one GPU"),
         crd_schema_problems,
     ),
+    "raycluster: worker group without maxReplicas": (
+        RAYCLUSTER,
+        lambda d: d["spec"]["workerGroupSpecs"][0].pop("maxReplicas"),
+        crd_schema_problems,
+    ),
     "raycluster: misspelled affinity field": (
         RAYCLUSTER,
         _set(f"{GPU_G}/template/spec/affinity", {"nodeAfinity": {}}),
