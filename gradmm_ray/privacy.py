@@ -55,6 +55,10 @@ class PrivacyRecord:
     noise_multiplier: float
     noise_std_of_sum: float
     sigma_of_mean: dict[str, float]  # per class: z·Δ / n_k, the noise std of each target entry
+    target_dims: int  # entries of one class's target: V·d (+ V with a head bias)
+    # Per class: E‖noise‖ / C = σ_k √D / C. The clean mean's norm is at most C, so the target's
+    # noise-to-signal ratio is at least this; above ~1 the matching mostly fits noise.
+    noise_to_signal_min: dict[str, float]
     n_per_class: dict[str, int]
     counts_public: bool
     mechanism: str
@@ -69,11 +73,12 @@ class PrivacyRecord:
 
 
 def privacy_record(
-    cfg: PrivacyConfig, n_per_class: dict[str, int], *, seed: int | None
+    cfg: PrivacyConfig, n_per_class: dict[str, int], *, seed: int | None, target_dims: int
 ) -> PrivacyRecord:
     z = noise_multiplier(cfg.epsilon, cfg.delta)
     delta_sens = sensitivity(cfg)
     std_sum = z * delta_sens if z > 0 else 0.0
+    sigma = {k: std_sum / n for k, n in n_per_class.items()}
     return PrivacyRecord(
         epsilon="inf" if math.isinf(cfg.epsilon) else cfg.epsilon,
         delta=cfg.delta,
@@ -82,7 +87,12 @@ def privacy_record(
         sensitivity="inf" if math.isinf(delta_sens) else delta_sens,
         noise_multiplier=z,
         noise_std_of_sum=std_sum,
-        sigma_of_mean={k: std_sum / n for k, n in n_per_class.items()},
+        sigma_of_mean=sigma,
+        target_dims=target_dims,
+        noise_to_signal_min={
+            k: s * math.sqrt(target_dims) / cfg.clip_norm if s > 0 else 0.0
+            for k, s in sigma.items()
+        },
         n_per_class=dict(n_per_class),
         counts_public=True,
         mechanism="Gaussian mechanism on each class's sum of per-example clipped LM-head gradients "

@@ -26,6 +26,19 @@ PACKAGES = (
     "safetensors",
 )
 
+NOISE_WARNING_RATIO = 1.0  # target noise norm / C above which the summary warns
+
+
+def _noise_to_signal_sentence(p: dict) -> str:
+    if "noise_to_signal_min" not in p:  # targets released by an older version
+        return ""
+    ratios = ", ".join(f"{k}: {v:.3g}" for k, v in p["noise_to_signal_min"].items())
+    return (
+        f"Over the {p['target_dims']} entries of a class's target, the noise's norm is at least "
+        f"{ratios} times the largest possible clean signal (C); above 1, matching mostly fits "
+        "noise. "
+    )
+
 
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
@@ -196,7 +209,9 @@ def write_report(
         "",
         f"(epsilon, delta) = ({p['epsilon']}, {p['delta']}), clip norm C = {p['clip_norm']}, "
         f"noise multiplier z = {p['noise_multiplier']:.4g}, {p['adjacency']} adjacency. "
-        f"Noise std per target entry: {', '.join(f'{k}: {v:.3g}' for k, v in p['sigma_of_mean'].items())}. {p['note']}",
+        f"Noise std per target entry: {', '.join(f'{k}: {v:.3g}' for k, v in p['sigma_of_mean'].items())}. "
+        + _noise_to_signal_sentence(p)
+        + p["note"],
         "",
         "## Selection funnel",
         "",
@@ -270,8 +285,16 @@ def format_summary(summary) -> str:
             )
     if summary.privacy:
         p = summary.privacy
+        ratio = max((p.get("noise_to_signal_min") or {"": 0.0}).values())
         lines.append(
             f"  privacy  epsilon={p['epsilon']} delta={p['delta']} C={p['clip_norm']} z={p['noise_multiplier']:.4g} ({p['adjacency']})"
+            + (f", noise/signal >= {ratio:.3g}" if ratio > 0 else "")
         )
+        if ratio > NOISE_WARNING_RATIO:
+            lines.append(
+                f"  warning  each class's target carries noise at least {ratio:.3g}x the largest "
+                "possible clean gradient: matching will mostly fit noise; use more real rows per "
+                "class (data.per_class) or a larger privacy.epsilon where acceptable"
+            )
     lines.append("  timings  " + ", ".join(f"{k} {v:.1f}s" for k, v in summary.timings.items()))
     return "\n".join(lines)

@@ -148,7 +148,8 @@ def run_targets(
     start = time.perf_counter()
     sums, counts = clean_class_sums(real, cfg, num_gpus=num_gpus)
     generator, noise_seed = noise_generator(cfg.privacy, cfg.seed)
-    record = privacy_record(cfg.privacy, counts, seed=noise_seed)
+    dims = sum(t.numel() for t in next(iter(sums.values())).values())  # same for every class
+    record = privacy_record(cfg.privacy, counts, seed=noise_seed, target_dims=dims)
     targets = release_noisy_means(sums, counts, record, generator)
     del sums  # nothing un-noised outlives this function
     write_targets(out, targets, record, cfg, model_revision=model_revision)

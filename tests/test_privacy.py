@@ -118,6 +118,9 @@ def test_noise_multiplier_decreasing_in_epsilon_and_delta():
 # The release
 
 
+DIMS = 2000 * 256 + 2000  # _zero_sums: weight and bias entries of one class
+
+
 def _zero_sums(V: int = 2000, d: int = 256) -> dict[str, dict[str, torch.Tensor]]:
     return {
         label: {"weight": torch.zeros(V, d), "bias": torch.zeros(V)} for label in ("neg", "pos")
@@ -129,7 +132,7 @@ def test_epsilon_inf_no_noise_exact_clipped_mean():
     assert noise_multiplier(math.inf, 1e-5) == 0.0
     cfg = PrivacyConfig(epsilon=math.inf)
     counts = {"neg": 3, "pos": 7}
-    record = privacy_record(cfg, counts, seed=0)
+    record = privacy_record(cfg, counts, seed=0, target_dims=DIMS)
     assert record.noise_multiplier == 0.0
     assert record.noise_std_of_sum == 0.0
     assert record.epsilon == "inf"
@@ -148,11 +151,15 @@ def test_epsilon_inf_no_noise_exact_clipped_mean():
 def test_epsilon_inf_without_clipping_record():
     """eps = inf with clipping off: sensitivity inf, still no noise (no NaN from 0 * inf)."""
     record = privacy_record(
-        PrivacyConfig(epsilon=math.inf, clip_norm=None), {"neg": 2, "pos": 2}, seed=0
+        PrivacyConfig(epsilon=math.inf, clip_norm=None),
+        {"neg": 2, "pos": 2},
+        seed=0,
+        target_dims=DIMS,
     )
     assert record.sensitivity == "inf"
     assert record.noise_std_of_sum == 0.0
     assert record.sigma_of_mean == {"neg": 0.0, "pos": 0.0}
+    assert record.noise_to_signal_min == {"neg": 0.0, "pos": 0.0}
 
 
 @pytest.mark.parametrize(("adjacency", "factor"), [("add_remove", 1.0), ("replace_one", 2.0)])
@@ -162,7 +169,7 @@ def test_noise_statistics_match_z_delta_over_n(adjacency, factor):
     C = 0.5
     cfg = PrivacyConfig(epsilon=1.0, delta=1e-5, clip_norm=C, adjacency=adjacency)
     counts = {"neg": 50, "pos": 200}
-    record = privacy_record(cfg, counts, seed=0)
+    record = privacy_record(cfg, counts, seed=0, target_dims=DIMS)
     z = noise_multiplier(1.0, 1e-5)
     assert sensitivity(cfg) == pytest.approx(factor * C)
     assert record.sensitivity == pytest.approx(factor * C)
@@ -178,6 +185,9 @@ def test_noise_statistics_match_z_delta_over_n(adjacency, factor):
         assert abs(noise_w.mean().item()) < 0.01 * expected
         noise_b = out[label]["bias"].double() - sums[label]["bias"].double() / n
         assert noise_b.std().item() == pytest.approx(expected, rel=0.1)
+        # The recorded noise-to-signal bound is the noise's norm over all entries / C.
+        noise_norm = torch.cat([noise_w.flatten(), noise_b]).norm().item()
+        assert record.noise_to_signal_min[label] == pytest.approx(noise_norm / C, rel=0.02)
     # The weight noise of the two classes is independent.
     a = out["neg"]["weight"].double().flatten()
     b = out["pos"]["weight"].double().flatten()
@@ -187,7 +197,7 @@ def test_noise_statistics_match_z_delta_over_n(adjacency, factor):
 def _release(cfg: PrivacyConfig, seed: int) -> dict[str, dict[str, torch.Tensor]]:
     counts = {"neg": 4, "pos": 5}
     gen, noise_seed = noise_generator(cfg, seed)
-    record = privacy_record(cfg, counts, seed=noise_seed)
+    record = privacy_record(cfg, counts, seed=noise_seed, target_dims=DIMS)
     sums = {label: {"weight": torch.ones(30, 8), "bias": torch.ones(30)} for label in counts}
     return release_noisy_means(sums, counts, record, gen)
 
@@ -209,8 +219,12 @@ def test_secure_rng_differs_and_is_recorded():
     assert not _same(_release(cfg, 7), _release(cfg, 7))
     _, noise_seed = noise_generator(cfg, 7)
     assert noise_seed is None
-    assert privacy_record(cfg, {"a": 1}, seed=noise_seed).noise_seed == "os-entropy"
-    seeded = privacy_record(PrivacyConfig(), {"a": 1}, seed=noise_generator(PrivacyConfig(), 7)[1])
+    assert (
+        privacy_record(cfg, {"a": 1}, seed=noise_seed, target_dims=DIMS).noise_seed == "os-entropy"
+    )
+    seeded = privacy_record(
+        PrivacyConfig(), {"a": 1}, seed=noise_generator(PrivacyConfig(), 7)[1], target_dims=DIMS
+    )
     assert seeded.noise_seed == 7
 
 
@@ -271,7 +285,7 @@ def test_privacy_record_fields():
 
     cfg = PrivacyConfig(epsilon=0.5, delta=1e-5, clip_norm=2.0, adjacency="replace_one")
     counts = {"neg": 10, "pos": 20}
-    rec = privacy_record(cfg, counts, seed=3)
+    rec = privacy_record(cfg, counts, seed=3, target_dims=DIMS)
     assert rec.counts_public is True
     assert rec.adjacency == "replace_one"
     assert "replace/one" in rec.note
@@ -285,6 +299,6 @@ def test_privacy_record_fields():
     assert rec.noise_seed == 3
     d = rec.to_dict()
     assert json.loads(json.dumps(d)) == d
-    add_remove = privacy_record(PrivacyConfig(), counts, seed=0)
+    add_remove = privacy_record(PrivacyConfig(), counts, seed=0, target_dims=DIMS)
     assert add_remove.adjacency == "add_remove"
     assert "add/remove" in add_remove.note
