@@ -452,16 +452,18 @@ def test_two_steps_with_accelerate_on_ray_train(ray_session, synthetic_dir, tmp_
     assert _main(["--train", str(synthetic_dir / "synthetic.parquet"), "--output", str(out)]) == 2
 
 
-def test_two_steps_with_deepspeed_zero2_on_two_ray_train_workers(
-    ray_session, synthetic_dir, tmp_path, tiny_lm
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_two_steps_with_deepspeed_on_two_ray_train_workers(
+    ray_session, synthetic_dir, tmp_path, tiny_lm, zero
 ):
-    """DeepSpeed ZeRO-2 over 2 CPU workers (gloo), each taking half of every batch, gives the
-    records of a plain single-process torch run of the same protocol."""
+    """DeepSpeed ZeRO-2 and ZeRO-3 (parameters partitioned too) over 2 CPU workers (gloo), each
+    taking half of every batch, give the records of a plain single-process torch run of the same
+    protocol."""
     import copy
 
     out = tmp_path / "ds"
     argv = ["--train", str(synthetic_dir / "synthetic.parquet"), "--output", str(out), *TINY_RUN,
-            "--strategy", "deepspeed", "--deepspeed-config", "zero2", "--workers", "2"]  # fmt: skip
+            "--strategy", "deepspeed", "--deepspeed-config", zero, "--workers", "2"]  # fmt: skip
     assert _main(argv) == 0
     metrics = _check_metrics(out, ["synthetic"])
     assert metrics["workers"]["strategy"] == "deepspeed" and metrics["workers"]["num_workers"] == 2
