@@ -253,17 +253,21 @@ def load_causal_lm(
     dtype: str = "auto",
     device: str = "auto",
     trust_remote_code: bool = False,
+    progress: bool = True,
 ) -> CausalLM:
+    """``progress=False``: no download or weight-loading bars (stage actors: one bar per actor
+    would interleave with the driver's stage bars)."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_source(name)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     try:
-        tokenizer = load_tokenizer(source, revision, trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
+        with contextlib.nullcontext() if progress else _hf_progress_bars_off():
+            tokenizer = load_tokenizer(source, revision, trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
     except OSError as e:
         raise ModelError(f"model.name {name!r}: cannot load ({str(e).splitlines()[0]})") from None
     model.to(dev).eval().requires_grad_(False)
@@ -274,7 +278,7 @@ def load_causal_lm(
     return CausalLM(model, tokenizer, name, _revision_of(model, revision), dev, torch_dtype)
 
 
-def load_model(cfg: ModelConfig) -> CausalLM:
+def load_model(cfg: ModelConfig, *, progress: bool = True) -> CausalLM:
     """``load_causal_lm`` with every setting of the ``model`` config section."""
     return load_causal_lm(
         cfg.name,
@@ -282,7 +286,21 @@ def load_model(cfg: ModelConfig) -> CausalLM:
         dtype=cfg.dtype,
         device=cfg.device,
         trust_remote_code=cfg.trust_remote_code,
+        progress=progress,
     )
+
+
+@contextlib.contextmanager
+def _hf_progress_bars_off():
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' bars and huggingface_hub's downloads
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def _revision_of(model, revision: str | None) -> str | None:

@@ -77,7 +77,7 @@ class CandidateScorer:
     def __init__(self, cfg: Config, targets_ref: list):
         import ray
 
-        self.lm = load_model(cfg.model)
+        self.lm = load_model(cfg.model, progress=False)
         self.head = self.lm.head_params_fp32()
         self.targets = {
             label: (

@@ -75,7 +75,7 @@ class AdmmSolver:
     def __init__(self, cfg: Config, targets_ref: list):
         import ray
 
-        self.lm = load_model(cfg.model)
+        self.lm = load_model(cfg.model, progress=False)
         released = ray.get(targets_ref[0])  # once per actor, from the object store
         dev = self.lm.device
         self.targets = {

@@ -44,7 +44,7 @@ class ClippedHeadGradSums:
     """Ray Data actor: a batch of real rows in, one row per class out (label, count, sums)."""
 
     def __init__(self, cfg: Config):
-        self.lm = load_model(cfg.model)
+        self.lm = load_model(cfg.model, progress=False)
         self.W, self.b = self.lm.head_params_fp32()
         self.tail = self.lm.logits_tail()
         self.template = cfg.data.prompt_template
