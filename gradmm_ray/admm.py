@@ -166,7 +166,8 @@ def initial_embeddings(
     return torch.stack(best)
 
 
-def _clip_per_example(grad: Tensor, max_norm: float) -> None:
+def clip_per_example_(grad: Tensor, max_norm: float) -> None:
+    """Scale each example's gradient (N, ...) in place to L2 norm at most ``max_norm``."""
     norms = grad.flatten(1).norm(dim=1).clamp(min=1e-12)  # (N,)
     grad.mul_((max_norm / norms).clamp(max=1.0).view(-1, 1, 1))
 
@@ -218,7 +219,7 @@ def solve_batch(
             f = objective(X)
             penalty = 0.5 * rho.view(-1) * (X - Z + Lam / rho).square().sum((1, 2))
             (f + penalty).sum().backward()
-            _clip_per_example(X.grad, cfg.grad_clip)
+            clip_per_example_(X.grad, cfg.grad_clip)
             opt.step()
         with torch.no_grad():
             fx = objective(X)

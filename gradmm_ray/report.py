@@ -285,7 +285,7 @@ def format_summary(summary) -> str:
             )
     if summary.privacy:
         p = summary.privacy
-        ratio = max((p.get("noise_to_signal_min") or {"": 0.0}).values())
+        ratio = max(p.get("noise_to_signal_min", {}).values(), default=0.0)
         lines.append(
             f"  privacy  epsilon={p['epsilon']} delta={p['delta']} C={p['clip_norm']} z={p['noise_multiplier']:.4g} ({p['adjacency']})"
             + (f", noise/signal >= {ratio:.3g}" if ratio > 0 else "")

@@ -44,6 +44,7 @@ from gradmm_ray.admm import (  # noqa: E402
     MatchingObjective,
     SequenceLayout,
     Target,
+    clip_per_example_,
     example_seed,
     initial_embeddings,
     solve_batch,
@@ -253,8 +254,23 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def random_lm(
+    model_class: type, config, device: torch.device, dtype: torch.dtype, name: str
+) -> CausalLM:
+    """A randomly initialised causal LM (seed 0), built on ``device``, token embeddings at
+    EMBEDDING_NORM, frozen."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = model_class(config)
+    model.get_input_embeddings().weight.data.normal_(
+        0.0, EMBEDDING_NORM / math.sqrt(config.hidden_size)
+    )
+    model.to(dtype).eval().requires_grad_(False)
+    return CausalLM(model, StandInTokenizer(), name, None, device, dtype)
+
+
 def build_lm(device: torch.device) -> CausalLM:
-    """The randomly initialised benchmark LM (fp32, frozen), seeded."""
+    """The benchmark LM: Llama-style, MODEL_SHAPE, fp32."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -265,12 +281,7 @@ def build_lm(device: torch.device) -> CausalLM:
         bos_token_id=1,
         eos_token_id=2,
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    d = MODEL_SHAPE["hidden_size"]
-    model.get_input_embeddings().weight.data.normal_(0.0, EMBEDDING_NORM / math.sqrt(d))
-    model.to(device).eval().requires_grad_(False)
-    return CausalLM(model, StandInTokenizer(), "random-llama-32k", None, device, torch.float32)
+    return random_lm(LlamaForCausalLM, config, device, torch.float32, "random-llama-32k")
 
 
 def random_ids(n: int, g: torch.Generator) -> list[int]:
@@ -587,27 +598,16 @@ def suite_stage1(s: Settings, quick: bool) -> dict:
 # Stage 2: the reference solver (the paper code's way) next to solve_batch
 
 
-class ReferenceObjective:
+class ReferenceObjective(MatchingObjective):
     """f(X) per example as the paper's code computes it: the head gradient g_W (V x d) per
     example by autograd.grad(create_graph=True), cosine to the target, and (when X requires grad)
     a double backward through g_W. Logits only at the loss positions: kinder to the reference
-    than its code, which takes them at every position."""
-
-    def __init__(self, lm: CausalLM, layout: SequenceLayout, target: Target):
-        self.lm, self.target = lm, target
-        emb = lm.model.get_input_embeddings()
-        with torch.no_grad():
-            fixed = [layout.prefix_ids, layout.suffix_ids, layout.completion_ids]
-            self.prefix, self.suffix, self.completion = (
-                emb(torch.tensor(ids, dtype=torch.long, device=lm.device)) for ids in fixed
-            )  # (p, d), (s, d), (T, d)
-        self.y = torch.tensor(layout.completion_ids, device=lm.device)  # (T,)
-        self.W, self.b = lm.head_params_fp32()  # (V, d), (V,) or None; W read by init
-        self.tail = lm.logits_tail()
+    than its code, which takes them at every position. The sequence layout, head and target are
+    MatchingObjective's; only the loss differs."""
 
     def __call__(self, X: torch.Tensor) -> torch.Tensor:
         """X (N, n, d) -> matching loss (N,)."""
-        N, T = X.shape[0], len(self.y)
+        N, T = X.shape[0], self.T
         create_graph = torch.is_grad_enabled() and X.requires_grad
         with torch.enable_grad():
             parts = [self.prefix, X.to(self.prefix.dtype), self.suffix, self.completion]
@@ -627,7 +627,7 @@ class ReferenceObjective:
             if self.tail is not None:
                 logits = self.tail(logits)
             ce = F.cross_entropy(
-                logits.reshape(N * T, -1), self.y.repeat(N), reduction="none"
+                logits.reshape(N * T, -1), self.targets[0].repeat(N), reduction="none"
             )  # (N * T,)
             grads = torch.autograd.grad(ce.sum() / T, params, create_graph=create_graph)
             targets = [self.target.weight, self.target.bias]
@@ -637,18 +637,6 @@ class ReferenceObjective:
             ]  # one (N,) per head tensor
             loss = (1.0 - torch.stack(cos, dim=-1)).mean(-1)  # (N,)
         return loss if create_graph else loss.detach()
-
-    @torch.no_grad()
-    def of_tokens(self, token_ids: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-        emb = self.lm.model.get_input_embeddings()
-        return torch.cat(
-            [self(emb(token_ids[i : i + chunk]).float()) for i in range(0, len(token_ids), chunk)]
-        )
-
-
-def clip_per_example_(grad: torch.Tensor, max_norm: float) -> None:
-    norms = grad.flatten(1).norm(dim=1).clamp(min=1e-12)  # (N,)
-    grad.mul_((max_norm / norms).clamp(max=1.0).view(-1, 1, 1))
 
 
 def x_update(objective, X, opt, Z, Lam, rho, steps: int, grad_clip: float) -> list[torch.Tensor]:
@@ -989,20 +977,13 @@ def suite_scaling(s: Settings) -> dict:
 
 
 def build_phi(shape: dict, device: torch.device, dtype: torch.dtype) -> CausalLM:
-    """A randomly initialised Phi model of ``shape`` (seeded), built on ``device`` directly."""
+    """A Phi model of ``shape``."""
     from transformers import PhiConfig, PhiForCausalLM
 
     config = PhiConfig(
         **shape, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2
     )
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = PhiForCausalLM(config)
-    model.get_input_embeddings().weight.data.normal_(
-        0.0, EMBEDDING_NORM / math.sqrt(shape["hidden_size"])
-    )
-    model.to(dtype).eval().requires_grad_(False)
-    return CausalLM(model, StandInTokenizer(), "random-phi-1.5-shape", None, device, dtype)
+    return random_lm(PhiForCausalLM, config, device, dtype, "random-phi-1.5-shape")
 
 
 def paper_run() -> tuple[AdmmConfig, int]:

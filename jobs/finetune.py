@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from gradmm_ray import cli  # noqa: E402
 from gradmm_ray.config import ConfigError, load_yaml, parse_override  # noqa: E402
 from gradmm_ray.finetune import (  # noqa: E402
     BASELINES,
@@ -195,11 +196,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    from gradmm_ray.data import DataError
-    from gradmm_ray.lm import ModelError
-    from gradmm_ray.storage import OutputError
-
-    return ConfigError, DataError, ModelError, OutputError, FinetuneError
+    return (*cli.user_errors(), FinetuneError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
