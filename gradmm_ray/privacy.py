@@ -1,70 +1,243 @@
-"""The DP boundary: calibrate Gaussian noise and release the noisy per-class mean gradients.
+"""The DP boundary: calibrate Gaussian noise, sample the real rows, release noisy per-class sums.
 
-Mechanism. Per class k, S_k = Σᵢ clip_C(gᵢ) over the class's examples (head weight and bias
-flattened jointly), released as (S_k + N(0, (z·Δ)² I)) / n_k. Under add/remove-one adjacency one
-example changes one S_k by at most Δ = C (Δ = 2C under replace-one). Classes are disjoint, so the
-release of all classes is one Gaussian mechanism with sensitivity Δ: (ε, δ)-DP overall.
+Unit of privacy: one row (one labelled example) of the input data.
 
-Calibration. z is the smallest noise multiplier for which the Gaussian mechanism is (ε, δ)-DP,
-computed exactly (analytic Gaussian mechanism, Balle & Wang, ICML 2018) by Google's
-``dp_accounting`` library. The per-class counts n_k are treated as public (dividing by a noisy
-count would cost budget); the record says so. ε = inf releases the clipped means without noise.
+Mechanism. Each row is kept independently with probability q (Poisson sampling; q = 1 keeps
+all). Per class k, S_k = Σᵢ clip_C(gᵢ) over the class's kept rows (head weight and bias flattened
+jointly); the release is S_k + N(0, (z·Δ)² I). Under add/remove-one adjacency one row changes
+one S_k by at most Δ = C (Δ = 2C under replace-one). Classes are disjoint, so the release of all
+classes is one Gaussian mechanism with sensitivity Δ, subsampled with rate q: (ε, δ)-DP overall.
+
+Nothing else about the real rows is released: matching is by cosine, so the sums are never
+divided by the (private) per-class counts, and no count is recorded or printed.
+
+Calibration. z is the smallest noise multiplier for which the mechanism is (ε, δ)-DP, from
+Google's ``dp_accounting``: the analytic Gaussian mechanism (Balle & Wang, ICML 2018) for q = 1,
+the privacy-loss-distribution accountant for the Poisson-subsampled Gaussian for q < 1.
+
+Randomness. By default the noise and the sampling come from the operating system's CSPRNG
+(``os.urandom``), fresh for every release and never recorded: nobody, the operator included, can
+regenerate them. Gaussian noise is drawn in float64 by Box-Muller from 53-bit uniforms and added
+to the float64 sum; the release is rounded to float32. The float32 grid is 2^29 times coarser than
+the float64 noise's resolution, so every float32 value near the sum is reachable: the gaps in the
+set of reachable outputs that floating-point attacks exploit (Mironov, CCS 2012) are rounded away.
+Like Opacus' secure mode this is a mitigation, not a proof. ``insecure_reproducible_noise`` draws
+both from ``seed`` instead, for tests and debugging only: the record says ``private: false``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import secrets
+import os
+import warnings
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from gradmm_ray.config import PrivacyConfig
 
 ACCOUNTING_LIBRARY = "dp-accounting"
+MIN_SUBSAMPLED_Z = 0.3  # see noise_multiplier
+NOISE_CHUNK = 1 << 22  # entries drawn at a time: bounds the noise's extra memory to ~100 MB
+INSECURE_WARNING = (
+    "privacy.insecure_reproducible_noise is on: the noise and the sampling are drawn from the "
+    "seed, so anyone who knows it can remove the noise. This output is NOT private."
+)
 
 
-def noise_multiplier(epsilon: float, delta: float) -> float:
-    """Smallest z such that N(0, z²) noise on a sensitivity-1 query is (ε, δ)-DP (0 for ε=inf)."""
+class InsecureNoiseWarning(UserWarning):
+    """Issued on every run whose release is reproducible from the seed."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration
+
+
+@functools.lru_cache(maxsize=64)
+def noise_multiplier(epsilon: float, delta: float, sample_rate: float = 1.0) -> float:
+    """Smallest z such that N(0, z²) noise on a sensitivity-1 query, over rows Poisson-sampled
+    with rate ``sample_rate``, is (ε, δ)-DP under add/remove-one adjacency (0 for ε = inf)."""
     if math.isinf(epsilon):
         return 0.0
-    from dp_accounting.pld import common, privacy_loss_mechanism
+    import dp_accounting
+    from dp_accounting.pld import common, pld_privacy_accountant, privacy_loss_mechanism
 
-    loss = privacy_loss_mechanism.GaussianPrivacyLoss.from_privacy_guarantee(
+    full = privacy_loss_mechanism.GaussianPrivacyLoss.from_privacy_guarantee(
         common.DifferentialPrivacyParameters(epsilon, delta), sensitivity=1.0
+    ).standard_deviation
+    if sample_rate >= 1.0:
+        return float(full)
+
+    def subsampled(z: float) -> dp_accounting.DpEvent:
+        return dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(z))
+
+    # Sampling only helps, so the unsampled z bounds it above. Below MIN_SUBSAMPLED_Z the loss
+    # distribution grows too wide to discretise; such small noise is then used as is (valid,
+    # since more noise than needed never hurts the guarantee).
+    def accountant() -> dp_accounting.PrivacyAccountant:
+        # The accountant rounds pessimistically: a coarser grid only over-estimates epsilon.
+        return pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+
+    if accountant().compose(subsampled(MIN_SUBSAMPLED_Z)).get_epsilon(delta) <= epsilon:
+        return MIN_SUBSAMPLED_Z
+    return float(
+        dp_accounting.calibrate_dp_mechanism(
+            accountant,
+            subsampled,
+            epsilon,
+            delta,
+            bracket_interval=dp_accounting.ExplicitBracketInterval(MIN_SUBSAMPLED_Z, full),
+            tol=1e-4,
+        )
     )
-    return float(loss.standard_deviation)
 
 
 def sensitivity(cfg: PrivacyConfig) -> float:
-    """L2 sensitivity of one class's clipped sum (inf when clipping is off)."""
+    """L2 sensitivity of the per-class clipped sums to one row (inf when clipping is off)."""
     if cfg.clip_norm is None:
         return math.inf
     return cfg.clip_norm * (2.0 if cfg.adjacency == "replace_one" else 1.0)
 
 
+def noise_std_of_sum(cfg: PrivacyConfig) -> float:
+    """z·Δ: the noise's standard deviation on every entry of a class's sum (0 for ε = inf)."""
+    z = noise_multiplier(cfg.epsilon, cfg.delta, cfg.sample_rate)
+    return z * sensitivity(cfg) if z > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Randomness
+
+
+def _secure_uniform_bits(n: int) -> np.ndarray:
+    """n independent uint64 from the OS CSPRNG."""
+    return np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
+
+
+def _seeded_uniform_bits(seed: int, stream: int, index: np.ndarray) -> np.ndarray:
+    """uint64 per index, a pure function of (seed, stream, index): SplitMix64's finaliser."""
+    with np.errstate(over="ignore"):
+        x = index.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(
+            (seed * 0x632BE59BD9B4E019 + stream) % 2**64
+        )
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _unit_interval(bits: np.ndarray) -> np.ndarray:
+    """uint64 -> float64 in [0, 1) with 53 random bits."""
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def standard_normal(n: int, generator: torch.Generator | None) -> Tensor:
+    """n draws of N(0, 1) in float64: Box-Muller on CSPRNG uniforms, or from ``generator``."""
+    if generator is not None:
+        return torch.randn(n, generator=generator, dtype=torch.float64)
+    m = (n + 1) // 2
+    u1 = 1.0 - _unit_interval(_secure_uniform_bits(m))  # (0, 1]: log is finite
+    u2 = _unit_interval(_secure_uniform_bits(m))
+    r = np.sqrt(-2.0 * np.log(u1))
+    angle = 2.0 * np.pi * u2
+    return torch.from_numpy(np.concatenate([r * np.cos(angle), r * np.sin(angle)])[:n])
+
+
+def poisson_keep(rows: np.ndarray, sample_rate: float, *, seed: int | None) -> np.ndarray:
+    """Which rows a Poisson sample keeps: each independently with probability ``sample_rate``.
+    From the OS CSPRNG (``seed`` None), or, for tests, a function of (seed, row index): adding
+    a row never changes the fate of another."""
+    if sample_rate >= 1.0:
+        return np.ones(len(rows), dtype=bool)
+    if seed is None:
+        bits = _secure_uniform_bits(len(rows))
+    else:
+        bits = _seeded_uniform_bits(seed, 1, np.asarray(rows))
+    return _unit_interval(bits) < sample_rate
+
+
+def noise_source(cfg: PrivacyConfig, seed: int) -> torch.Generator | None:
+    """None (the OS CSPRNG, the default) or, only with insecure_reproducible_noise, a generator
+    seeded from ``seed`` (and a warning, every time)."""
+    if not cfg.insecure_reproducible_noise:
+        return None
+    warnings.warn(INSECURE_WARNING, InsecureNoiseWarning, stacklevel=2)
+    g = torch.Generator(device="cpu")
+    g.manual_seed(seed)
+    return g
+
+
+def sampling_seed(cfg: PrivacyConfig, seed: int) -> int | None:
+    """The seed of the Poisson sample: only with insecure_reproducible_noise."""
+    return seed if cfg.insecure_reproducible_noise else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The release
+
+
+def release_noisy_sums(
+    sums: dict[str, dict[str, Tensor]], std: float, generator: torch.Generator | None
+) -> dict[str, dict[str, Tensor]]:
+    """S_k + N(0, std²) for every tensor of every class, float64 inside, float32 out. The noise
+    is added exactly once, here; classes and tensors in sorted order, so a seeded release is
+    reproducible."""
+    out: dict[str, dict[str, Tensor]] = {}
+    for label in sorted(sums):
+        out[label] = {}
+        for name in sorted(sums[label]):
+            s = sums[label][name].to(dtype=torch.float64, device="cpu").flatten().clone()
+            if std > 0:
+                for start in range(0, s.numel(), NOISE_CHUNK):
+                    chunk = s[start : start + NOISE_CHUNK]
+                    chunk.add_(standard_normal(chunk.numel(), generator), alpha=std)
+            out[label][name] = s.float().view(sums[label][name].shape)
+    return out
+
+
+def noise_to_signal(released: dict[str, Tensor], std: float) -> float:
+    """E‖noise‖ / ‖clean sum‖ of one class, estimated from the release alone (post-processing:
+    no privacy cost). E‖S + N‖² = ‖S‖² + std²·D, so ‖S‖² ≈ ‖release‖² − std²·D, with a
+    relative error of about std²·√(2D) / ‖S‖². inf when the noise explains the whole release."""
+    if std == 0:
+        return 0.0
+    dims = sum(t.numel() for t in released.values())
+    total = sum(float(t.double().square().sum()) for t in released.values())
+    noise_sq = std**2 * dims
+    signal_sq = total - noise_sq
+    return math.sqrt(noise_sq / signal_sq) if signal_sq > 0 else math.inf
+
+
+# ---------------------------------------------------------------------------------------------
+# The record
+
+
 @dataclass(frozen=True)
 class PrivacyRecord:
+    private: bool  # false: no noise (epsilon inf) or reproducible noise
+    unit_of_privacy: str
     epsilon: float | str
     delta: float
     clip_norm: float | None
     adjacency: str
     sensitivity: float | str
+    sampling: str
+    sample_rate: float
     noise_multiplier: float
     noise_std_of_sum: float
-    sigma_of_mean: dict[str, float]  # per class: z·Δ / n_k, the noise std of each target entry
+    noise_source: str
+    released: str
     target_dims: int  # entries of one class's target: V·d (+ V with a head bias)
-    # Per class: E‖noise‖ / C = σ_k √D / C. The clean mean's norm is at most C, so the target's
-    # noise-to-signal ratio is at least this; above ~1 the matching mostly fits noise.
-    noise_to_signal_min: dict[str, float]
-    n_per_class: dict[str, int]
-    counts_public: bool
+    # Per class: E‖noise‖ / ‖clean sum‖, estimated from the release (see noise_to_signal).
+    noise_to_signal: dict[str, float]
+    counts: str
     mechanism: str
+    accounting: str
     accounting_library: str
     accounting_library_version: str
-    noise_seed: int | str
     num_releases: int
     note: str
 
@@ -73,69 +246,65 @@ class PrivacyRecord:
 
 
 def privacy_record(
-    cfg: PrivacyConfig, n_per_class: dict[str, int], *, seed: int | None, target_dims: int
+    cfg: PrivacyConfig,
+    *,
+    deterministic_caps: bool,
+    target_dims: int,
+    noise_to_signal: dict[str, float],
 ) -> PrivacyRecord:
-    z = noise_multiplier(cfg.epsilon, cfg.delta)
+    sample_rate = cfg.sample_rate
+    z = noise_multiplier(cfg.epsilon, cfg.delta, sample_rate)
     delta_sens = sensitivity(cfg)
-    std_sum = z * delta_sens if z > 0 else 0.0
-    sigma = {k: std_sum / n for k, n in n_per_class.items()}
+    if deterministic_caps:
+        sampling = "deterministic caps (data.per_class / data.max_examples): no privacy"
+    elif sample_rate < 1.0:
+        sampling = "Poisson: each row kept independently with probability sample_rate"
+    else:
+        sampling = "none: every row is used"
+    private = z > 0 and not cfg.insecure_reproducible_noise
+    if z == 0:
+        note = "NOT PRIVATE: epsilon is inf, the clipped sums are released without noise."
+    elif cfg.insecure_reproducible_noise:
+        note = "NOT PRIVATE: " + INSECURE_WARNING.split(": ", 1)[1]
+    else:
+        note = (
+            f"{cfg.adjacency.replace('_', '/')} adjacency, one row is the unit of privacy; "
+            "classes are disjoint, so the per-class releases together are one (epsilon, "
+            "delta)-DP release. Stages after this one read only the released sums."
+        )
     return PrivacyRecord(
+        private=private,
+        unit_of_privacy="one row (one labelled example) of the input data",
         epsilon="inf" if math.isinf(cfg.epsilon) else cfg.epsilon,
         delta=cfg.delta,
         clip_norm=cfg.clip_norm,
         adjacency=cfg.adjacency,
         sensitivity="inf" if math.isinf(delta_sens) else delta_sens,
+        sampling=sampling,
+        sample_rate=sample_rate,
         noise_multiplier=z,
-        noise_std_of_sum=std_sum,
-        sigma_of_mean=sigma,
+        noise_std_of_sum=noise_std_of_sum(cfg),
+        noise_source=(
+            "none"
+            if z == 0
+            else "seed (INSECURE, reproducible: testing only)"
+            if cfg.insecure_reproducible_noise
+            else "OS CSPRNG, fresh for this release, never recorded"
+        ),
+        released="per class: the sum of clipped per-example LM-head gradients (weight and bias "
+        "jointly) plus Gaussian noise; not divided by the class's count",
         target_dims=target_dims,
-        noise_to_signal_min={
-            k: s * math.sqrt(target_dims) / cfg.clip_norm if s > 0 else 0.0
-            for k, s in sigma.items()
-        },
-        n_per_class=dict(n_per_class),
-        counts_public=True,
-        mechanism="Gaussian mechanism on each class's sum of per-example clipped LM-head gradients "
-        "(weight and bias jointly), calibrated exactly (analytic Gaussian mechanism, Balle & Wang 2018)",
+        noise_to_signal=dict(noise_to_signal),
+        counts="not released: no count of real rows is recorded or printed",
+        mechanism="Gaussian mechanism on each class's sum of per-example clipped LM-head "
+        "gradients" + (", Poisson-subsampled" if sample_rate < 1.0 else ""),
+        accounting=(
+            "privacy loss distribution of the Poisson-subsampled Gaussian mechanism"
+            if sample_rate < 1.0
+            else "analytic Gaussian mechanism (Balle & Wang 2018), exact"
+        ),
         accounting_library=ACCOUNTING_LIBRARY,
         accounting_library_version=version(ACCOUNTING_LIBRARY),
-        noise_seed="os-entropy" if seed is None else seed,
         num_releases=1,
-        note=(
-            "No privacy: epsilon is inf, the clipped means are released exactly."
-            if z == 0
-            else f"{cfg.adjacency.replace('_', '/')} adjacency; classes are disjoint, so the "
-            "per-class releases together are one (epsilon, delta)-DP release; per-class counts "
-            "are treated as public. Stages after this one read only the released targets."
-        ),
+        note=note,
     )
-
-
-def noise_generator(cfg: PrivacyConfig, seed: int) -> tuple[torch.Generator, int | None]:
-    """A CPU generator for the noise: from ``seed`` (reproducible), or from OS entropy."""
-    g = torch.Generator(device="cpu")
-    if cfg.secure_rng:
-        g.manual_seed(secrets.randbits(63))
-        return g, None
-    g.manual_seed(seed)
-    return g, seed
-
-
-def release_noisy_means(
-    sums: dict[str, dict[str, Tensor]],
-    counts: dict[str, int],
-    record: PrivacyRecord,
-    generator: torch.Generator,
-) -> dict[str, dict[str, Tensor]]:
-    """(S_k + N(0, (z Δ)²)) / n_k for every tensor of every class, in a fixed (sorted) order so
-    that a seeded release is reproducible. Noise is added exactly once, here."""
-    std = record.noise_std_of_sum
-    out: dict[str, dict[str, Tensor]] = {}
-    for label in sorted(sums):
-        out[label] = {}
-        for name in sorted(sums[label]):
-            s = sums[label][name].to(dtype=torch.float64, device="cpu")
-            if std > 0:
-                s = s + std * torch.randn(s.shape, generator=generator, dtype=torch.float64)
-            out[label][name] = (s / counts[label]).float()
-    return out

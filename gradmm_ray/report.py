@@ -26,17 +26,30 @@ PACKAGES = (
     "safetensors",
 )
 
-NOISE_WARNING_RATIO = 1.0  # target noise norm / C above which the summary warns
+NOISE_WARNING_RATIO = 1.0  # estimated noise norm / clean sum norm above which the summary warns
 
 
 def _noise_to_signal_sentence(p: dict) -> str:
-    if "noise_to_signal_min" not in p:  # targets released by an older version
-        return ""
-    ratios = ", ".join(f"{k}: {v:.3g}" for k, v in p["noise_to_signal_min"].items())
+    ratios = ", ".join(f"{k}: {v:.3g}" for k, v in p["noise_to_signal"].items())
     return (
-        f"Over the {p['target_dims']} entries of a class's target, the noise's norm is at least "
-        f"{ratios} times the largest possible clean signal (C); above 1, matching mostly fits "
-        "noise. "
+        f"Over the {p['target_dims']} entries of a class's target, the noise's norm is about "
+        f"{ratios} times the clean sum's (estimated from the release itself); above 1, matching "
+        "mostly fits noise. "
+    )
+
+
+def privacy_paragraph(p: dict) -> str:
+    """What the release protects, in words, from the record."""
+    head = "" if p["private"] else "**NOT PRIVATE.** "
+    return (
+        head
+        + f"(epsilon, delta) = ({p['epsilon']}, {p['delta']}), clip norm C = {p['clip_norm']}, "
+        f"noise multiplier z = {p['noise_multiplier']:.4g}, {p['adjacency']} adjacency; unit of "
+        f"privacy: {p['unit_of_privacy']}. Sampling: {p['sampling']} (rate {p['sample_rate']:g}). "
+        f"Noise: {p['noise_source']}, std {p['noise_std_of_sum']:.3g} on every entry of each "
+        f"class's sum. Released: {p['released']}. Counts: {p['counts']}. "
+        + (_noise_to_signal_sentence(p) if p["noise_std_of_sum"] > 0 else "")
+        + p["note"]
     )
 
 
@@ -201,17 +214,12 @@ def write_report(
     lines = [
         "# gradmm-ray report",
         "",
-        f"Model `{cfg.model.name}`; {sum(p['n_per_class'].values())} real examples "
-        f"({', '.join(f'{k}: {v}' for k, v in p['n_per_class'].items())}) distilled into "
-        f"{len(selection.rows)} synthetic examples.",
+        f"Model `{cfg.model.name}`; the real examples distilled into {len(selection.rows)} "
+        "synthetic examples.",
         "",
         "## Privacy",
         "",
-        f"(epsilon, delta) = ({p['epsilon']}, {p['delta']}), clip norm C = {p['clip_norm']}, "
-        f"noise multiplier z = {p['noise_multiplier']:.4g}, {p['adjacency']} adjacency. "
-        f"Noise std per target entry: {', '.join(f'{k}: {v:.3g}' for k, v in p['sigma_of_mean'].items())}. "
-        + _noise_to_signal_sentence(p)
-        + p["note"],
+        privacy_paragraph(p),
         "",
         "## Selection funnel",
         "",
@@ -266,8 +274,6 @@ def format_summary(summary) -> str:
     for f in summary.files:
         lines.append(f"           {f}")
     c = summary.counts
-    if "real_rows_used" in c:
-        lines.append(f"  real     {c['real_rows_read']} rows read, used {c['real_rows_used']}")
     if "solve" in c:
         s = c["solve"]
         first = s.get("first_result_seconds")
@@ -285,16 +291,20 @@ def format_summary(summary) -> str:
             )
     if summary.privacy:
         p = summary.privacy
-        ratio = max(p.get("noise_to_signal_min", {}).values(), default=0.0)
+        ratio = max(p["noise_to_signal"].values(), default=0.0)
         lines.append(
-            f"  privacy  epsilon={p['epsilon']} delta={p['delta']} C={p['clip_norm']} z={p['noise_multiplier']:.4g} ({p['adjacency']})"
-            + (f", noise/signal >= {ratio:.3g}" if ratio > 0 else "")
+            f"  privacy  epsilon={p['epsilon']} delta={p['delta']} C={p['clip_norm']} "
+            f"z={p['noise_multiplier']:.4g} ({p['adjacency']}, sample rate {p['sample_rate']:g})"
+            + (f", noise/signal ~{ratio:.3g}" if ratio > 0 else "")
+            + "; no count of real rows is published"
         )
+        if not p["private"]:
+            lines.append(f"  WARNING  this output is NOT private: {p['note']}")
         if ratio > NOISE_WARNING_RATIO:
             lines.append(
-                f"  warning  each class's target carries noise at least {ratio:.3g}x the largest "
-                "possible clean gradient: matching will mostly fit noise; use more real rows per "
-                "class (data.per_class) or a larger privacy.epsilon where acceptable"
+                f"  warning  each class's target carries noise about {ratio:.3g}x the norm of "
+                "its clean gradient sum: matching will mostly fit noise; use more real rows "
+                "(a larger privacy.sample_rate) or a larger privacy.epsilon where acceptable"
             )
     lines.append("  timings  " + ", ".join(f"{k} {v:.1f}s" for k, v in summary.timings.items()))
     return "\n".join(lines)

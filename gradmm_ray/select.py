@@ -92,7 +92,9 @@ class CandidateScorer:
         )
         self.labels = sorted(cfg.data.verbalizers)
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: a model with a logits tail (Gemma-2's soft-cap) takes B by
+    # autograd through that tail, which inference tensors refuse.
+    @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tok, d = self.lm.tokenizer, self.data
         texts = [str(t) for t in batch["text"]]

@@ -2,11 +2,12 @@
 
 Ray Data shards the validated rows over an autoscaling pool of actors that hold the model. Each
 actor call takes `targets.rows_per_partial` rows, runs them `micro_batch_size` at a time, keeps a
-per-class running sum of clipped per-example head gradients (fp32) and emits that partial sum once
-per call. Emitting through the dataflow (rather than keeping state in the actor until the end)
+per-class running sum of clipped per-example head gradients (fp32) over the rows its Poisson
+sample keeps (privacy.sample_rate) and emits that partial sum once per call. Emitting through the dataflow (rather than keeping state in the actor until the end)
 makes retries exact: a call that dies is re-run, and its output is counted once. The driver
 reduces the partials in float64 as they stream in and adds the noise exactly once
-(privacy.release_noisy_means). No per-example vocabulary-sized array leaves an actor.
+(privacy.release_noisy_sums). The release is the noisy SUMS: no count of real rows leaves here.
+No per-example vocabulary-sized array leaves an actor.
 
 This is the only stage that reads real examples.
 """
@@ -14,6 +15,7 @@ This is the only stage that reads real examples.
 from __future__ import annotations
 
 import json
+import struct
 import time
 from dataclasses import dataclass
 
@@ -23,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradmm_ray.config import Config
-from gradmm_ray.data import RealExamples, encode_pair, format_prompt
+from gradmm_ray.data import RealExamples, encode_pair
 from gradmm_ray.headgrad import (
     clip_factors,
     clipped_head_grad_sum,
@@ -32,16 +34,26 @@ from gradmm_ray.headgrad import (
     logits_grad,
 )
 from gradmm_ray.lm import load_model
-from gradmm_ray.privacy import PrivacyRecord, noise_generator, privacy_record, release_noisy_means
+from gradmm_ray.privacy import (
+    PrivacyRecord,
+    noise_source,
+    noise_std_of_sum,
+    noise_to_signal,
+    poisson_keep,
+    privacy_record,
+    release_noisy_sums,
+    sampling_seed,
+)
 from gradmm_ray.ray_env import map_on_actor_pool
-from gradmm_ray.storage import OutputDir
+from gradmm_ray.storage import OutputDir, OutputError
 
 TARGETS_FILE = "targets.safetensors"
 TARGETS_RECORD = "targets.json"
 
 
 class ClippedHeadGradSums:
-    """Ray Data actor: a batch of real rows in, one row per class out (label, count, sums)."""
+    """Ray Data actor: a batch of real rows in, one row per class seen out (label, rows_seen,
+    sums of the clipped gradients of the rows the Poisson sample kept)."""
 
     def __init__(self, cfg: Config):
         self.lm = load_model(cfg.model, progress=False)
@@ -50,17 +62,33 @@ class ClippedHeadGradSums:
         self.template = cfg.data.prompt_template
         self.verbalizers = cfg.data.verbalizers
         self.clip_norm = cfg.privacy.clip_norm
+        self.sample_rate = cfg.privacy.sample_rate
+        self.sample_seed = sampling_seed(cfg.privacy, cfg.seed)
         self.micro = cfg.targets.micro_batch_size
+        # Bounds every pair, hence every micro-batch's padded width (lm.pad_pairs).
+        self.max_tokens = self.lm.token_limit(cfg.data.max_tokens)
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: a model with a logits tail (Gemma-2's soft-cap) takes B by
+    # autograd through that tail, which inference tensors refuse.
+    @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        sums: dict[str, list] = {}  # label -> [weight sum (V, d), bias sum (V,), count]
-        texts, labels = batch["text"], batch["label"]
+        all_labels = np.asarray([str(x) for x in batch["label"]])
+        seen = {
+            str(k): int(n) for k, n in zip(*np.unique(all_labels, return_counts=True), strict=True)
+        }
+        keep = poisson_keep(batch["row"], self.sample_rate, seed=self.sample_seed)
+        texts, labels = batch["text"][keep], all_labels[keep]
+        zeros = self.W.new_zeros  # a class seen but not sampled still gets (zero) sums
+        sums = {lab: [zeros(self.W.shape), zeros(self.W.shape[0])] for lab in seen}
         for start in range(0, len(texts), self.micro):
-            chunk_labels = [str(x) for x in labels[start : start + self.micro]]
+            chunk_labels = labels[start : start + self.micro]
             pairs = [
                 encode_pair(
-                    self.lm.tokenizer, format_prompt(self.template, str(t)), self.verbalizers[lab]
+                    self.lm.tokenizer,
+                    str(t),
+                    self.verbalizers[lab],
+                    template=self.template,
+                    max_tokens=self.max_tokens,
                 )
                 for t, lab in zip(texts[start : start + self.micro], chunk_labels, strict=True)
             ]
@@ -69,18 +97,15 @@ class ClippedHeadGradSums:
             factors = clip_factors(
                 head_grad_sq_norms(A, B, with_bias=self.b is not None), self.clip_norm
             )
-            label_arr = np.asarray(chunk_labels)
-            for lab in sorted(set(chunk_labels)):
-                idx = torch.from_numpy(np.flatnonzero(label_arr == lab)).to(A.device)
+            for lab in sorted(set(chunk_labels.tolist())):
+                idx = torch.from_numpy(np.flatnonzero(chunk_labels == lab)).to(A.device)
                 s_w, s_b = clipped_head_grad_sum(A[idx], B[idx], factors[idx])
-                acc = sums.setdefault(lab, [torch.zeros_like(s_w), torch.zeros_like(s_b), 0])
-                acc[0] += s_w
-                acc[1] += s_b
-                acc[2] += len(idx)
-        order = sorted(sums)
+                sums[lab][0] += s_w
+                sums[lab][1] += s_b
+        order = sorted(seen)
         out = {
             "label": np.array(order, dtype=object),
-            "count": np.array([sums[k][2] for k in order], dtype=np.int64),
+            "rows_seen": np.array([seen[k] for k in order], dtype=np.int64),
             "weight_sum": np.stack([sums[k][0].cpu().numpy() for k in order]),
         }
         if self.b is not None:
@@ -99,20 +124,20 @@ class TargetsResult:
     targets: dict[str, dict[str, torch.Tensor]]
     record: PrivacyRecord
     seconds: float
-    rows: int
 
 
 def clean_class_sums(
     real: RealExamples, cfg: Config, *, num_gpus: float
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, int]]:
-    """Σ of clipped per-example head gradients per class, reduced over all actors (float64)."""
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Σ of clipped per-example head gradients per class over the Poisson-sampled rows, reduced
+    over all actors (float64). Private: never leaves stage 1 without noise."""
     import ray.data
 
     t = cfg.targets
     # Blocks are cut here, on the driver: a repartition would need a CPU task that a pool of
     # actors holding every CPU could starve.
     ds = ray.data.from_arrow(
-        blocks_of(real.table.select(["text", "label"]), t.rows_per_partial, 4 * t.max_actors)
+        blocks_of(real.table.select(["row", "text", "label"]), t.rows_per_partial, 4 * t.max_actors)
     )
     partials = map_on_actor_pool(
         ds,
@@ -126,44 +151,54 @@ def clean_class_sums(
         execution=cfg.execution,
     )
     sums: dict[str, dict[str, torch.Tensor]] = {}
-    counts: dict[str, int] = {}
-    with tqdm(total=real.table.num_rows, desc="targets: real rows", unit="row") as bar:
+    seen: dict[str, int] = {}
+    # The bar shows a percentage only: the number of real rows is private.
+    bar_format = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]"
+    with tqdm(total=real.table.num_rows, desc="targets", bar_format=bar_format) as bar:
         for out in partials.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
-            label, count = str(out["label"][0]), int(out["count"][0])
+            label, rows = str(out["label"][0]), int(out["rows_seen"][0])
             acc = sums.setdefault(label, {})
             for name in ("weight", "bias"):
                 if f"{name}_sum" in out:
                     value = torch.from_numpy(np.array(out[f"{name}_sum"][0], dtype=np.float64))
                     acc[name] = acc[name] + value if name in acc else value
-            counts[label] = counts.get(label, 0) + count
-            bar.update(count)
-    if counts != real.counts:
-        raise AssertionError(f"Internal error: stage 1 counted {counts}, expected {real.counts}")
-    return sums, counts
+            seen[label] = seen.get(label, 0) + rows
+            bar.update(rows)
+    if seen != {
+        k: n for k, n in real.counts.items() if n
+    }:  # no numbers in the message: they are private
+        raise AssertionError("Internal error: stage 1 lost or double-counted a partial sum")
+    return sums
 
 
 def run_targets(
     real: RealExamples, cfg: Config, out: OutputDir, *, num_gpus: float, model_revision: str | None
 ) -> TargetsResult:
     start = time.perf_counter()
-    sums, counts = clean_class_sums(real, cfg, num_gpus=num_gpus)
-    generator, noise_seed = noise_generator(cfg.privacy, cfg.seed)
-    dims = sum(t.numel() for t in next(iter(sums.values())).values())  # same for every class
-    record = privacy_record(cfg.privacy, counts, seed=noise_seed, target_dims=dims)
-    targets = release_noisy_means(sums, counts, record, generator)
+    sums = clean_class_sums(real, cfg, num_gpus=num_gpus)
+    std = noise_std_of_sum(cfg.privacy)
+    targets = release_noisy_sums(sums, std, noise_source(cfg.privacy, cfg.seed))
     del sums  # nothing un-noised outlives this function
+    record = privacy_record(
+        cfg.privacy,
+        deterministic_caps=cfg.data.per_class is not None or cfg.data.max_examples is not None,
+        target_dims=sum(t.numel() for t in next(iter(targets.values())).values()),
+        noise_to_signal={label: noise_to_signal(t, std) for label, t in targets.items()},
+    )
     write_targets(out, targets, record, cfg, model_revision=model_revision)
-    return TargetsResult(targets, record, time.perf_counter() - start, real.table.num_rows)
+    return TargetsResult(targets, record, time.perf_counter() - start)
 
 
-def targets_metadata(record: PrivacyRecord, cfg: Config, model_revision: str | None) -> dict:
+def targets_metadata(
+    record: PrivacyRecord, labels: list[str], cfg: Config, model_revision: str | None
+) -> dict:
     return {
         "privacy": record.to_dict(),
         "model": {"name": cfg.model.name, "revision": model_revision},
         "tokenizer": cfg.model.name,
         "prompt_template": cfg.data.prompt_template,
         "verbalizers": cfg.data.verbalizers,
-        "labels": sorted(record.n_per_class),
+        "labels": sorted(labels),
     }
 
 
@@ -177,21 +212,59 @@ def write_targets(
 ) -> None:
     from safetensors.torch import save
 
-    meta = targets_metadata(record, cfg, model_revision)
+    meta = targets_metadata(record, list(targets), cfg, model_revision)
     tensors = {
         f"{label}/{name}": t.contiguous() for label, d in targets.items() for name, t in d.items()
     }
-    out.write_bytes(TARGETS_FILE, save(tensors, metadata={"gradmm": json.dumps(meta)}))
+    # One unit: targets.safetensors, written last (atomically), is the commit point, and the
+    # record embedded in it is the source of truth; targets.json is a readable copy written
+    # first. A crash in between leaves no release, so the next run computes it again.
     out.write_json(TARGETS_RECORD, meta)
+    out.write_bytes(TARGETS_FILE, save(tensors, metadata={"gradmm": json.dumps(meta)}))
+
+
+_REDO_RELEASE = (
+    "restore it, or pass --overwrite to recompute (a new release spends the privacy budget again)"
+)
+
+
+def read_release_record(out: OutputDir) -> dict:
+    """The record embedded in targets.safetensors, from its header alone (cheap: prepare checks
+    a resumed release with it). OutputError naming the file when it is missing or damaged."""
+    where = f"{out.uri}/{TARGETS_FILE}"
+    if not out.exists(TARGETS_FILE):
+        raise OutputError(f"{where} is missing: run the targets stage (--stages targets,...)")
+    try:
+        with out.open_file(TARGETS_FILE) as f:
+            size = f.size()
+            (n,) = struct.unpack("<Q", f.read_at(8, 0))  # safetensors: u64 header length, header
+            header = json.loads(f.read_at(n, 8)) if 8 + n <= size else {}
+        if not header:
+            raise OutputError(f"{where} is truncated ({size} bytes); {_REDO_RELEASE}")
+        end = max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+        )
+        record = json.loads(header["__metadata__"]["gradmm"])
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise OutputError(f"{where} is not a readable release ({e}); {_REDO_RELEASE}") from None
+    if size != 8 + n + end:
+        raise OutputError(f"{where} is truncated ({size} of {8 + n + end} bytes); {_REDO_RELEASE}")
+    return record
 
 
 def read_targets(out: OutputDir) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     """The released targets and their record (for stages 2 and 3, and resumed runs)."""
     from safetensors.torch import load
 
-    tensors = load(out.read_bytes(TARGETS_FILE))
+    record = read_release_record(out)
+    try:
+        tensors = load(out.read_bytes(TARGETS_FILE))
+    except Exception as e:  # safetensors raises its own error type for every malformed file
+        raise OutputError(
+            f"{out.uri}/{TARGETS_FILE} is not a readable release ({e}); {_REDO_RELEASE}"
+        ) from None
     targets: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         label, name = key.rsplit("/", 1)
         targets.setdefault(label, {})[name] = t
-    return targets, out.read_json(TARGETS_RECORD)
+    return targets, record

@@ -8,6 +8,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,11 +20,16 @@ from gradmm_ray.headgrad import (
     per_example_head_grads,
 )
 from gradmm_ray.privacy import (
-    noise_generator,
+    InsecureNoiseWarning,
     noise_multiplier,
+    noise_source,
+    noise_std_of_sum,
+    noise_to_signal,
+    poisson_keep,
     privacy_record,
-    release_noisy_means,
+    release_noisy_sums,
     sensitivity,
+    standard_normal,
 )
 
 # dp_accounting finds sigma by a binary search; its relative tolerance is well inside 1e-3.
@@ -115,7 +121,54 @@ def test_noise_multiplier_decreasing_in_epsilon_and_delta():
 
 
 # ---------------------------------------------------------------------------------------------
-# The release
+# Poisson-subsampled calibration, against the exact privacy profile written here
+
+
+def _phi_bar(x: float) -> float:
+    return 0.5 * math.erfc(x / math.sqrt(2.0))
+
+
+def subsampled_delta(eps: float, sigma: float, q: float) -> float:
+    """Exact delta(eps) of the Poisson-subsampled Gaussian (sensitivity 1, rate q, add/remove):
+    the larger hockey-stick divergence of P = (1-q) N(0, s^2) + q N(1, s^2) and Q = N(0, s^2), in
+    either order. The privacy loss ln(P/Q) is increasing in x, so each divergence is a difference
+    of normal tails at the point where the loss crosses eps."""
+    s2 = sigma * sigma
+    # Remove: D(P || Q) = P(x > a) - e^eps Q(x > a), where (1-q) + q e^((2a-1)/2s^2) = e^eps.
+    a = s2 * math.log((math.exp(eps) - 1 + q) / q) + 0.5
+    remove = (1 - q) * _phi_bar(a / sigma) + q * _phi_bar((a - 1) / sigma)
+    remove -= math.exp(eps) * _phi_bar(a / sigma)
+    # Add: D(Q || P) = Q(x < b) - e^eps P(x < b), where (1-q) + q e^((2b-1)/2s^2) = e^-eps.
+    add = 0.0
+    if math.exp(-eps) > 1 - q:
+        b = s2 * math.log((math.exp(-eps) - 1 + q) / q) + 0.5
+        add = 1 - _phi_bar(b / sigma)
+        add -= math.exp(eps) * (
+            (1 - q) * (1 - _phi_bar(b / sigma)) + q * (1 - _phi_bar((b - 1) / sigma))
+        )
+    return max(remove, add)
+
+
+@pytest.mark.parametrize(
+    ("eps", "delta", "q"), [(1.0, 1e-4, 0.1), (0.5, 1e-5, 0.5), (4.0, 1e-5, 0.01), (1.0, 1e-5, 0.9)]
+)
+def test_subsampled_noise_multiplier_is_valid_and_nearly_tight(eps, delta, q):
+    """z(eps, delta, q) from the library's accountant achieves delta under the exact profile,
+    and 2% less noise would not (the accountant's grid rounds pessimistically)."""
+    z = noise_multiplier(eps, delta, q)
+    assert subsampled_delta(eps, z, q) <= delta * (1 + 1e-6)
+    assert subsampled_delta(eps, 0.98 * z, q) > delta
+    assert z < noise_multiplier(eps, delta)  # sampling amplifies privacy
+
+
+def test_subsampled_profile_at_q_one_is_the_gaussian_mechanism():
+    """The independent profile above reduces to Balle-Wang's exact delta at q = 1."""
+    for eps, sigma in ((1.0, 3.0), (0.5, 5.0), (4.0, 1.0)):
+        assert subsampled_delta(eps, sigma, 1.0) == pytest.approx(exact_delta(eps, sigma), rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# The release: noisy sums from the OS CSPRNG
 
 
 DIMS = 2000 * 256 + 2000  # _zero_sums: weight and bias entries of one class
@@ -127,105 +180,215 @@ def _zero_sums(V: int = 2000, d: int = 256) -> dict[str, dict[str, torch.Tensor]
     }
 
 
-def test_epsilon_inf_no_noise_exact_clipped_mean():
-    """eps = inf: z = 0, std 0, and the release is exactly sum / n."""
+def _record(cfg: PrivacyConfig, **kw):
+    kw = {"deterministic_caps": False, "target_dims": DIMS, "noise_to_signal": {}} | kw
+    return privacy_record(cfg, **kw)
+
+
+def test_epsilon_inf_no_noise_exact_clipped_sums():
+    """eps = inf: z = 0, std 0, the release is exactly the sums, and the record says NOT private."""
     assert noise_multiplier(math.inf, 1e-5) == 0.0
     cfg = PrivacyConfig(epsilon=math.inf)
-    counts = {"neg": 3, "pos": 7}
-    record = privacy_record(cfg, counts, seed=0, target_dims=DIMS)
-    assert record.noise_multiplier == 0.0
-    assert record.noise_std_of_sum == 0.0
-    assert record.epsilon == "inf"
+    record = _record(cfg)
+    assert record.noise_multiplier == 0.0 and record.noise_std_of_sum == 0.0
+    assert record.epsilon == "inf" and record.private is False
+    assert "NOT PRIVATE" in record.note
     gen = torch.Generator().manual_seed(0)
     sums = {
         label: {"weight": torch.randn(5, 4, generator=gen), "bias": torch.randn(5, generator=gen)}
-        for label in counts
+        for label in ("neg", "pos")
     }
-    out = release_noisy_means(sums, counts, record, torch.Generator().manual_seed(1))
-    for label, n in counts.items():
+    out = release_noisy_sums(sums, noise_std_of_sum(cfg), None)
+    for label in sums:
         for name, s in sums[label].items():
-            assert torch.equal(out[label][name], (s.double() / n).float())
-            torch.testing.assert_close(out[label][name], s / n)
+            assert torch.equal(out[label][name], s)
 
 
 def test_epsilon_inf_without_clipping_record():
     """eps = inf with clipping off: sensitivity inf, still no noise (no NaN from 0 * inf)."""
-    record = privacy_record(
-        PrivacyConfig(epsilon=math.inf, clip_norm=None),
-        {"neg": 2, "pos": 2},
-        seed=0,
-        target_dims=DIMS,
-    )
+    record = _record(PrivacyConfig(epsilon=math.inf, clip_norm=None))
     assert record.sensitivity == "inf"
     assert record.noise_std_of_sum == 0.0
-    assert record.sigma_of_mean == {"neg": 0.0, "pos": 0.0}
-    assert record.noise_to_signal_min == {"neg": 0.0, "pos": 0.0}
 
 
 @pytest.mark.parametrize(("adjacency", "factor"), [("add_remove", 1.0), ("replace_one", 2.0)])
-def test_noise_statistics_match_z_delta_over_n(adjacency, factor):
-    """Empirical std of (noisy - clean) is z * Delta / n per class (2%), mean ~ 0, the bias gets
-    noise too, replace-one doubles it, and the record's sigma_of_mean says the same."""
+def test_noise_statistics_match_z_delta(adjacency, factor):
+    """Empirical std of (released - clean) is z * Delta on every entry of the SUM (2%), mean ~0,
+    the bias gets noise too, replace-one doubles it, and the two classes' noise is independent."""
     C = 0.5
     cfg = PrivacyConfig(epsilon=1.0, delta=1e-5, clip_norm=C, adjacency=adjacency)
-    counts = {"neg": 50, "pos": 200}
-    record = privacy_record(cfg, counts, seed=0, target_dims=DIMS)
     z = noise_multiplier(1.0, 1e-5)
     assert sensitivity(cfg) == pytest.approx(factor * C)
-    assert record.sensitivity == pytest.approx(factor * C)
-    assert record.noise_std_of_sum == pytest.approx(z * factor * C)
+    std = noise_std_of_sum(cfg)
+    assert std == pytest.approx(z * factor * C)
+    assert _record(cfg).noise_std_of_sum == pytest.approx(std)
     sums = _zero_sums()
-    gen, _ = noise_generator(cfg, 0)
-    out = release_noisy_means(sums, counts, record, gen)
-    for label, n in counts.items():
-        expected = z * factor * C / n
-        assert record.sigma_of_mean[label] == pytest.approx(expected)
-        noise_w = out[label]["weight"].double() - sums[label]["weight"].double() / n
-        assert noise_w.std().item() == pytest.approx(expected, rel=0.02)
-        assert abs(noise_w.mean().item()) < 0.01 * expected
-        noise_b = out[label]["bias"].double() - sums[label]["bias"].double() / n
-        assert noise_b.std().item() == pytest.approx(expected, rel=0.1)
-        # The recorded noise-to-signal bound is the noise's norm over all entries / C.
-        noise_norm = torch.cat([noise_w.flatten(), noise_b]).norm().item()
-        assert record.noise_to_signal_min[label] == pytest.approx(noise_norm / C, rel=0.02)
-    # The weight noise of the two classes is independent.
+    out = release_noisy_sums(sums, std, None)
+    for label in sums:
+        noise_w = out[label]["weight"].double()
+        assert noise_w.std().item() == pytest.approx(std, rel=0.02)
+        assert abs(noise_w.mean().item()) < 0.01 * std
+        assert out[label]["bias"].double().std().item() == pytest.approx(std, rel=0.1)
     a = out["neg"]["weight"].double().flatten()
     b = out["pos"]["weight"].double().flatten()
     assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.01
 
 
-def _release(cfg: PrivacyConfig, seed: int) -> dict[str, dict[str, torch.Tensor]]:
-    counts = {"neg": 4, "pos": 5}
-    gen, noise_seed = noise_generator(cfg, seed)
-    record = privacy_record(cfg, counts, seed=noise_seed, target_dims=DIMS)
-    sums = {label: {"weight": torch.ones(30, 8), "bias": torch.ones(30)} for label in counts}
-    return release_noisy_means(sums, counts, record, gen)
+def test_secure_normal_draws_are_standard_normal():
+    """The CSPRNG Box-Muller draws: mean 0, std 1, the normal's mass within 1 and 2 std, an odd
+    count, and two draws never repeat."""
+    x = standard_normal(1_000_001, None)
+    assert x.dtype == torch.float64 and x.numel() == 1_000_001
+    assert abs(x.mean().item()) < 0.005 and x.std().item() == pytest.approx(1.0, abs=0.005)
+    assert (x.abs() < 1).double().mean().item() == pytest.approx(0.682689, abs=0.003)
+    assert (x.abs() < 2).double().mean().item() == pytest.approx(0.954500, abs=0.002)
+    assert not torch.equal(standard_normal(100, None), standard_normal(100, None))
 
 
-def _same(a, b) -> bool:
-    return all(torch.equal(a[k][n], b[k][n]) for k in a for n in a[k])
+def test_noise_to_signal_is_estimated_from_the_release():
+    """The release-only estimate of ||noise|| / ||clean sum|| is close to the truth where signal
+    dominates and where noise does (ratio ~1.8; its error is ~std^2 sqrt(2D) / 2||S||^2, under 1%
+    there); pure noise gives a large or infinite ratio."""
+    gen = torch.Generator().manual_seed(0)
+    for signal_norm, std, tol in ((50.0, 0.01, 0.01), (10.0, 0.01, 0.01), (20.0, 0.1, 0.05)):
+        clean = torch.randn(2000, 64, generator=gen, dtype=torch.float64)
+        clean *= signal_norm / clean.norm()
+        out = release_noisy_sums({"k": {"weight": clean}}, std, None)["k"]
+        truth = std * math.sqrt(clean.numel()) / signal_norm
+        assert noise_to_signal(out, std) == pytest.approx(truth, rel=tol)
+    pure = release_noisy_sums({"k": {"weight": torch.zeros(200, 64)}}, 1.0, None)["k"]
+    assert noise_to_signal(pure, 1.0) > 3  # ~(D/2)^(1/4) = 9 or inf: noise dominates
+    assert noise_to_signal(pure, 0.0) == 0.0
 
 
-def test_seeded_release_is_reproducible():
-    """Same seed, identical noise; a different seed, different noise."""
-    cfg = PrivacyConfig(epsilon=1.0)
-    assert _same(_release(cfg, 7), _release(cfg, 7))
-    assert not _same(_release(cfg, 7), _release(cfg, 8))
+# ---------------------------------------------------------------------------------------------
+# Attacks on a finished release (the output directory is all the attacker has)
 
 
-def test_secure_rng_differs_and_is_recorded():
-    """secure_rng: two releases with the same seed differ; the record says os-entropy."""
-    cfg = PrivacyConfig(epsilon=1.0, secure_rng=True)
-    assert not _same(_release(cfg, 7), _release(cfg, 7))
-    _, noise_seed = noise_generator(cfg, 7)
-    assert noise_seed is None
-    assert (
-        privacy_record(cfg, {"a": 1}, seed=noise_seed, target_dims=DIMS).noise_seed == "os-entropy"
-    )
-    seeded = privacy_record(
-        PrivacyConfig(), {"a": 1}, seed=noise_generator(PrivacyConfig(), 7)[1], target_dims=DIMS
-    )
-    assert seeded.noise_seed == 7
+def _clean_sums(seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        label: {"weight": torch.randn(30, 8, generator=gen), "bias": torch.randn(30, generator=gen)}
+        for label in ("neg", "pos")
+    }
+
+
+def _flat(d: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([d[k].double().flatten() for k in sorted(d)])
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+def _regenerated_noise(seed: int, like: dict[str, dict[str, torch.Tensor]], std: float):
+    """What an attacker who guesses the seed regenerates: the seeded draw in release order."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        label: {
+            name: std * torch.randn(like[label][name].numel(), generator=g, dtype=torch.float64)
+            for name in sorted(like[label])
+        }
+        for label in sorted(like)
+    }
+
+
+def seed_recovery_attack(cfg: PrivacyConfig, seed: int) -> tuple[float, float]:
+    """(cos(release, clean), best cos(release - regenerated noise, clean) over seeds 0..63):
+    the attack of issue #11 on the seed that the manifest publishes (cfg.seed)."""
+    clean = _clean_sums()
+    std = noise_std_of_sum(cfg)
+    released = release_noisy_sums(clean, std, noise_source(cfg, seed))
+    label = "pos"
+    before = _cos(_flat(released[label]), _flat(clean[label]))
+    best = -1.0
+    for guess in range(64):
+        noise = _regenerated_noise(guess, clean, std)[label]
+        recovered = _flat(released[label]) - torch.cat([noise[k] for k in sorted(noise)])
+        best = max(best, _cos(recovered, _flat(clean[label])))
+    return before, best
+
+
+def test_seed_recovery_attack_fails_by_default():
+    """Default settings: guessing the seed (the published one and 63 others) and subtracting the
+    regenerated draw brings the attacker no closer to the clean sum than the release itself."""
+    before, after = seed_recovery_attack(PrivacyConfig(epsilon=1.0), seed=7)
+    assert before < 0.5  # the release is mostly noise at this size: the attack has room
+    assert after <= before + 0.05
+
+
+def test_seed_recovery_attack_succeeds_on_insecure_noise():
+    """The control: with insecure_reproducible_noise the same attack recovers the clean sum
+    exactly (so the test above can fail), and the run warns."""
+    with pytest.warns(InsecureNoiseWarning, match="NOT private"):
+        _, after = seed_recovery_attack(
+            PrivacyConfig(epsilon=1.0, insecure_reproducible_noise=True), seed=7
+        )
+    assert after == pytest.approx(1.0, abs=1e-6)
+
+
+def difference_attack(cfg: PrivacyConfig) -> float:
+    """cos(T1 - T2, g): two releases with the same settings on datasets that differ in one row
+    whose clipped gradient g adds to class pos; 1 means the row is exposed."""
+    clean = _clean_sums()
+    g = _clean_sums(seed=99)["pos"]
+    scale = cfg.clip_norm / float(_flat(g).norm())
+    with_row = {
+        "neg": clean["neg"],
+        "pos": {k: clean["pos"][k] + scale * g[k] for k in g},
+    }
+    std = noise_std_of_sum(cfg)
+    t1 = release_noisy_sums(with_row, std, noise_source(cfg, 0))["pos"]
+    t2 = release_noisy_sums(clean, std, noise_source(cfg, 0))["pos"]
+    return _cos(_flat(t1) - _flat(t2), _flat(g))
+
+
+def test_difference_attack_fails_by_default():
+    """Same settings, neighbouring datasets: the difference of the releases is noise, not the
+    row (cos ~ C / (sqrt(2) z C sqrt(D)) ~ 0.01 here)."""
+    assert abs(difference_attack(PrivacyConfig(epsilon=1.0))) < 0.3
+
+
+def test_difference_attack_succeeds_on_insecure_noise():
+    """The control: identical seeded noise cancels and exposes the row exactly."""
+    with pytest.warns(InsecureNoiseWarning):
+        cos = difference_attack(PrivacyConfig(epsilon=1.0, insecure_reproducible_noise=True))
+    assert cos == pytest.approx(1.0, abs=1e-5)
+
+
+def test_two_default_releases_differ_and_seeded_ones_repeat():
+    """Default: two releases of the same sums differ. Insecure mode: same seed, same draw."""
+    clean = _clean_sums()
+    secure = PrivacyConfig(epsilon=1.0)
+    std = noise_std_of_sum(secure)
+    a = release_noisy_sums(clean, std, noise_source(secure, 0))
+    b = release_noisy_sums(clean, std, noise_source(secure, 0))
+    assert not torch.equal(_flat(a["pos"]), _flat(b["pos"]))
+    insecure = PrivacyConfig(epsilon=1.0, insecure_reproducible_noise=True)
+    with pytest.warns(InsecureNoiseWarning):
+        c = release_noisy_sums(clean, std, noise_source(insecure, 0))
+        d = release_noisy_sums(clean, std, noise_source(insecure, 0))
+    assert torch.equal(_flat(c["pos"]), _flat(d["pos"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Poisson sampling
+
+
+def test_poisson_keep_rate_and_independence():
+    """Secure: the kept fraction is q (within 4 standard errors) and two draws differ. Seeded:
+    a pure function of (seed, row), so adding rows never changes another row's fate."""
+    rows = np.arange(200_000)
+    q = 0.3
+    keep = poisson_keep(rows, q, seed=None)
+    se = math.sqrt(q * (1 - q) / len(rows))
+    assert abs(keep.mean() - q) < 4 * se
+    assert not np.array_equal(keep, poisson_keep(rows, q, seed=None))
+    seeded = poisson_keep(rows, q, seed=5)
+    assert abs(seeded.mean() - q) < 4 * se
+    assert np.array_equal(poisson_keep(rows[1000:], q, seed=5), seeded[1000:])
+    assert not np.array_equal(poisson_keep(rows, q, seed=6), seeded)
+    assert poisson_keep(rows[:10], 1.0, seed=None).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,25 +443,38 @@ def test_clip_factors_off_is_identity():
 
 
 def test_privacy_record_fields():
-    """counts public, adjacency named, dp-accounting with its version, one release, JSON-able."""
+    """Private by default, adjacency and unit named, no counts anywhere, dp-accounting with its
+    version, one release, JSON-able; sampling and caps described."""
     from importlib.metadata import version
 
     cfg = PrivacyConfig(epsilon=0.5, delta=1e-5, clip_norm=2.0, adjacency="replace_one")
-    counts = {"neg": 10, "pos": 20}
-    rec = privacy_record(cfg, counts, seed=3, target_dims=DIMS)
-    assert rec.counts_public is True
-    assert rec.adjacency == "replace_one"
-    assert "replace/one" in rec.note
+    rec = _record(cfg, noise_to_signal={"neg": 0.5, "pos": 2.0})
+    assert rec.private is True
+    assert rec.adjacency == "replace_one" and "replace/one" in rec.note
+    assert "one row" in rec.unit_of_privacy
     assert rec.accounting_library == "dp-accounting"
     assert rec.accounting_library_version == version("dp-accounting")
     assert re.match(r"^\d+(\.\d+)*", rec.accounting_library_version)
     assert rec.num_releases == 1
     assert rec.epsilon == 0.5 and rec.delta == 1e-5 and rec.clip_norm == 2.0
     assert rec.noise_multiplier == pytest.approx(noise_multiplier(0.5, 1e-5))
-    assert rec.n_per_class == counts
-    assert rec.noise_seed == 3
+    assert "never recorded" in rec.noise_source
+    assert "not released" in rec.counts
     d = rec.to_dict()
     assert json.loads(json.dumps(d)) == d
-    add_remove = privacy_record(PrivacyConfig(), counts, seed=0, target_dims=DIMS)
-    assert add_remove.adjacency == "add_remove"
-    assert "add/remove" in add_remove.note
+    assert not {"n_per_class", "noise_seed", "sigma_of_mean"} & set(d)
+    add_remove = _record(PrivacyConfig())
+    assert add_remove.adjacency == "add_remove" and "add/remove" in add_remove.note
+    sampled = _record(PrivacyConfig(sample_rate=0.1))
+    assert sampled.sample_rate == 0.1 and "Poisson" in sampled.sampling
+    assert sampled.noise_multiplier == pytest.approx(noise_multiplier(1.0, 1e-4, 0.1))
+    capped = _record(PrivacyConfig(epsilon=math.inf), deterministic_caps=True)
+    assert "no privacy" in capped.sampling and capped.private is False
+
+
+def test_insecure_record_is_not_private():
+    """insecure_reproducible_noise: private false, the note and the noise source say so."""
+    rec = _record(PrivacyConfig(insecure_reproducible_noise=True))
+    assert rec.private is False
+    assert rec.note.startswith("NOT PRIVATE")
+    assert "INSECURE" in rec.noise_source

@@ -1,0 +1,104 @@
+"""Stage 1's actor (targets.ClippedHeadGradSums), run as Ray runs it but in this process: the
+per-class sums it emits equal brute-force autograd clipped per example, and every example's
+contribution has joint (weight + bias) norm <= C, on a head with a bias (Phi) and on a head with
+a logits tail (Gemma-2's soft-cap). The pure functions are tested in test_headgrad/test_privacy;
+this is the path the release actually takes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_headgrad import brute_force_grads, head_only_copy
+
+from gradmm_ray.config import Config, DataConfig, ModelConfig, PrivacyConfig, TargetsConfig
+from gradmm_ray.data import encode_pair, format_prompt
+from gradmm_ray.targets import ClippedHeadGradSums
+
+TEXTS = [
+    ("The plot was dull.", "negative"),
+    ("What a charming film with warm and tender moments.", "positive"),
+    ("A shrill, exhausting comedy that never stops yelling.", "negative"),
+    ("I found the cast very sharp.", "positive"),
+    ("Overall a messy comedy.", "negative"),
+]
+VERBALIZERS = {"positive": " great", "negative": " bad"}
+TEMPLATE = "{text} It was"
+
+
+def _batch(rows: list[tuple[str, str]], first_row: int = 0) -> dict[str, np.ndarray]:
+    return {
+        "row": np.arange(first_row, first_row + len(rows), dtype=np.int64),
+        "text": np.array([t for t, _ in rows], dtype=object),
+        "label": np.array([lab for _, lab in rows], dtype=object),
+    }
+
+
+@pytest.fixture(scope="module", params=["phi", "gemma2"])
+def saved_arch(request, tiny_archs, tmp_path_factory):
+    """(CausalLM, folder): the architecture saved as a normal model folder, as a user's is."""
+    lm = tiny_archs[request.param]
+    folder = tmp_path_factory.mktemp(request.param)
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return lm, str(folder)
+
+
+def _actor(folder: str, clip_norm: float, micro: int = 2) -> ClippedHeadGradSums:
+    cfg = Config(
+        data=DataConfig(prompt_template=TEMPLATE, verbalizers=VERBALIZERS),
+        model=ModelConfig(name=folder, dtype="float32", device="cpu"),
+        privacy=PrivacyConfig(clip_norm=clip_norm),
+        targets=TargetsConfig(micro_batch_size=micro),
+    )
+    return ClippedHeadGradSums(cfg)
+
+
+def _brute_force(lm) -> list[torch.Tensor]:
+    """Each example's head gradient, weight and bias flattened jointly, by full autograd."""
+    model = head_only_copy(lm)
+    out = []
+    for text, label in TEXTS:
+        pair = encode_pair(lm.tokenizer, format_prompt(TEMPLATE, text), VERBALIZERS[label])
+        g_w, g_b = brute_force_grads(model, pair)
+        out.append(torch.cat([g_w.flatten(), g_b.flatten() if g_b is not None else g_w[:0, 0]]))
+    return out
+
+
+def _flat(out: dict[str, np.ndarray], i: int) -> torch.Tensor:
+    parts = [torch.from_numpy(np.asarray(out["weight_sum"][i])).flatten()]
+    if "bias_sum" in out:
+        parts.append(torch.from_numpy(np.asarray(out["bias_sum"][i])).flatten())
+    return torch.cat(parts).double()
+
+
+def test_actor_clips_each_example_jointly_to_c(saved_arch):
+    """One row per call: the emitted sum IS that row's clipped gradient: norm C (all are
+    clipped at this C) and equal to the brute-force gradient scaled to C."""
+    lm, folder = saved_arch
+    grads = _brute_force(lm)
+    norms = torch.stack([g.double().norm() for g in grads])
+    C = 0.5 * float(norms.min())  # every example is clipped
+    actor = _actor(folder, C)
+    assert (actor.b is not None) == lm.has_head_bias
+    for i, (row, g) in enumerate(zip(TEXTS, grads, strict=True)):
+        out = actor(_batch([row], first_row=i))
+        assert list(out["label"]) == [row[1]] and list(out["rows_seen"]) == [1]
+        emitted = _flat(out, 0)
+        assert emitted.norm().item() == pytest.approx(C, rel=1e-5)
+        expected = g.double() * (C / g.double().norm())
+        torch.testing.assert_close(emitted, expected, rtol=1e-4, atol=1e-6 * C)
+
+
+def test_actor_sums_per_class_over_micro_batches(saved_arch):
+    """All rows in one call, micro-batches of 2 that mix labels: each class's sum equals the
+    sum of its rows' brute-force clipped gradients; rows_seen counts every row."""
+    lm, folder = saved_arch
+    grads = _brute_force(lm)
+    C = float(torch.stack([g.double().norm() for g in grads]).median())  # some clipped, some not
+    out = _actor(folder, C, micro=2)(_batch(TEXTS))
+    for i, label in enumerate(out["label"]):
+        members = [j for j, (_, lab) in enumerate(TEXTS) if lab == label]
+        expected = sum(grads[j].double() * min(1.0, C / float(grads[j].norm())) for j in members)
+        torch.testing.assert_close(_flat(out, i), expected, rtol=1e-4, atol=1e-6 * C)
+        assert out["rows_seen"][i] == len(members)
