@@ -117,11 +117,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except user_errors() as e:
         print(f"distill.py: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    from gradmm_ray.ray_env import StageFailed
+    from gradmm_ray.ray_env import RayStartFailed, StageFailed
 
+    # Exit 1, not 2 (bad input): the input passed every check, but Ray could not start or a
+    # stage could not finish; the line says whether re-running the same command can help.
     try:
         summary = pipeline.run(prep)
-    except StageFailed as e:
+    except (RayStartFailed, StageFailed) as e:
         print(f"distill.py: error: {e}", file=sys.stderr)
         return EXIT_STAGE_FAILED
     print(format_summary(summary))

@@ -50,8 +50,18 @@ class DataConfig:
     )
     # Conditions the LM during projection only; never part of the training pair.
     generation_prefix: str = "A {label} movie review:"
-    max_examples: int | None = None  # seeded, stratified subsample of the whole set
-    per_class: int | None = None  # seeded sample of at most this many rows per class
+    # Longest real training pair (prompt + completion) in tokens; a longer one is cut at the end
+    # of its text, keeping the template's other parts and the completion. null = the model's
+    # max positions, at most 512: the tiny model takes 256, SmolLM2 8192, and stage 1 pads each
+    # micro-batch to its longest pair: one 8,000-token row would make all 32 rows 8,000 wide
+    # (16x the activations of 512, 250x the attention scores), while review- or sentence-length
+    # texts need < 200 tokens. Always capped at the model's max positions.
+    max_tokens: int | None = None
+    # Deterministic caps (seeded, stratified): adding one row changes which others are kept, so
+    # they break the DP guarantee and are allowed only with privacy.epsilon = .inf. Private runs
+    # subsample with privacy.sample_rate instead.
+    max_examples: int | None = None
+    per_class: int | None = None
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,12 @@ class PrivacyConfig:
     delta: float = 1e-4
     clip_norm: float | None = 1.0  # null = no clipping (only with epsilon .inf)
     adjacency: str = "add_remove"  # or replace_one (sensitivity 2C)
-    secure_rng: bool = False  # draw the noise from the OS entropy source, not from `seed`
+    # Poisson sampling of the real rows (each kept with this probability, secure randomness);
+    # the accountant credits the amplification. 1 = every row.
+    sample_rate: float = 1.0
+    # Testing and debugging ONLY: noise and sampling drawn from `seed`, so anyone who knows the
+    # seed can subtract the noise. The record says private: false; every run warns.
+    insecure_reproducible_noise: bool = False
 
 
 @dataclass(frozen=True)
@@ -384,6 +399,10 @@ def validate(cfg: Config) -> list[str]:
         d.per_class is None or d.per_class >= 2,
         f"data.per_class: got {d.per_class}, expected >= 2 or null",
     )
+    need(
+        d.max_tokens is None or d.max_tokens >= 8,
+        f"data.max_tokens: got {d.max_tokens}, expected >= 8 or null (the model's max positions, at most 512)",
+    )
     try:
         d.generation_prefix.format(label="x")
     except (KeyError, IndexError, ValueError):
@@ -419,6 +438,22 @@ def validate(cfg: Config) -> list[str]:
         p.adjacency in ADJACENCIES,
         f"privacy.adjacency: got {p.adjacency!r}, expected one of {ADJACENCIES}",
     )
+    need(
+        0 < p.sample_rate <= 1,
+        f"privacy.sample_rate: got {p.sample_rate}, expected a value in (0, 1]",
+    )
+    need(
+        p.sample_rate == 1 or p.adjacency == "add_remove",
+        f"privacy.sample_rate: got {p.sample_rate} with privacy.adjacency replace_one; Poisson "
+        "sampling is accounted under add_remove adjacency only (set sample_rate 1 or adjacency add_remove)",
+    )
+    for name in ("per_class", "max_examples"):
+        need(
+            getattr(d, name) is None or math.isinf(p.epsilon),
+            f"data.{name}: got {getattr(d, name)} with privacy.epsilon {p.epsilon}; a deterministic "
+            "cap changes which rows are used when one row is added, which breaks the privacy "
+            "guarantee: use privacy.sample_rate (Poisson sampling) or privacy.epsilon .inf",
+        )
 
     for name in ("targets", "solve"):
         s = getattr(cfg, name)

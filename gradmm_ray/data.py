@@ -92,15 +92,49 @@ def _read_file(fs, path: str, fmt: str, shown: str) -> pa.Table:
         if fmt == "parquet":
             return pq.read_table(path, filesystem=fs)
         with fs.open_input_stream(path) as f:
-            if fmt == "csv":
-                return pacsv.read_csv(f)
             # Strings only, whatever their look: a label column of "1"/"0" stays text.
-            return pajson.read_json(f)
+            table = pacsv.read_csv(f) if fmt == "csv" else pajson.read_json(f)
+        # Neither reader rejects bytes that are not UTF-8: CSV makes such a column binary, JSON
+        # keeps them in a string column (full validation checks UTF-8), and a bad column name
+        # fails only when Python decodes it.
+        _ = table.column_names
+        if any(pa.types.is_binary(t) for t in table.schema.types):
+            raise UnicodeError("a column holds bytes that are not UTF-8")
+        table.validate(full=True)
+        return table
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as e:
+        if fmt != "parquet":
+            _check_utf8(fs, path, shown)  # the usual cause; raises naming the line
         raise DataError(f"{shown}: cannot read as {fmt.upper()} ({_first_line(e)})") from None
 
 
-def _read_path(source: str) -> pa.Table:
+def _check_utf8(fs, path: str, shown: str, chunk_bytes: int = 1 << 24) -> None:
+    """Raise DataError naming the first line of a text file that is not UTF-8. Runs only after
+    a read failed, so the file is scanned a second time only then."""
+    line_no, pending = 1, b""
+    with fs.open_input_stream(path) as f:
+        while True:
+            chunk = f.read(chunk_bytes)
+            # b"\n" never occurs inside a multi-byte UTF-8 character: splitting there is safe.
+            *lines, pending = (pending + chunk).split(b"\n")
+            if not chunk:
+                lines.append(pending)
+            for line in lines:
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(
+                        f"{shown} line {line_no}: not UTF-8 text (byte 0x{line[e.start]:02x} at "
+                        f"byte {e.start + 1} of the line); save the file as UTF-8"
+                    ) from None
+                line_no += 1
+            if not chunk:
+                return
+
+
+def _read_path(source: str, required: dict[str, str]) -> pa.Table:
+    """One table from a file or a folder of files; ``required`` maps each needed column's
+    setting to its name, checked per file so that the file lacking one is named."""
     import pyarrow.fs as pafs
 
     fs, path = _filesystem(source)
@@ -121,10 +155,12 @@ def _read_path(source: str) -> pa.Table:
             raise DataError(
                 f"data.source {source!r}: folder holds no .jsonl, .json, .csv or .parquet files"
             )
-        tables = [
-            _read_file(fs, f.path, FILE_FORMATS[Path(f.path).suffix.lower()], f.path)
-            for f in sorted(files, key=lambda f: f.path)
-        ]
+        tables = []
+        for f in sorted(files, key=lambda f: f.path):
+            table = _read_file(fs, f.path, FILE_FORMATS[Path(f.path).suffix.lower()], f.path)
+            _check_columns(table, required, f.path)
+            # Only the needed columns: other columns may differ between files.
+            tables.append(table.select(list(required.values())))
         try:
             return pa.concat_tables(tables, promote_options="permissive")
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
@@ -185,7 +221,7 @@ def read_table(cfg: DataConfig) -> tuple[pa.Table, str]:
     """The raw table and a short name for messages."""
     if cfg.source == "sample":
         path = sample_data_path(cfg.split)
-        return _read_path(str(path)), path.name
+        return _read_path(str(path), _required_columns(cfg)), path.name
     if looks_like_path(cfg.source):
         fs, path = _filesystem(cfg.source)
         import pyarrow.fs as pafs
@@ -194,7 +230,7 @@ def read_table(cfg: DataConfig) -> tuple[pa.Table, str]:
             fs.get_file_info(f"{path}/dataset_dict.json").type == pafs.FileType.File
         ):
             return _read_hf_disk(cfg.source, cfg.split), cfg.source
-        return _read_path(cfg.source), cfg.source
+        return _read_path(cfg.source, _required_columns(cfg)), cfg.source
     return _read_hub(cfg.source, cfg.split), cfg.source
 
 
@@ -209,8 +245,7 @@ class RealExamples:
 
     table: pa.Table
     source_name: str
-    counts: dict[str, int]  # label -> rows kept
-    rows_read: int
+    counts: dict[str, int]  # label -> rows kept. Private: for stage 1's internal checks only.
 
 
 def _class_names(table: pa.Table, column: str, cfg: DataConfig) -> Sequence[str] | None:
@@ -220,17 +255,22 @@ def _class_names(table: pa.Table, column: str, cfg: DataConfig) -> Sequence[str]
     return raw.decode().split("\x1f") if raw else None
 
 
-def validate_table(table: pa.Table, cfg: DataConfig, shown: str) -> pa.Table:
-    """Check columns and every row; return (row, text, label-name) or raise DataError."""
+def _required_columns(cfg: DataConfig) -> dict[str, str]:
+    return {"data.text_column": cfg.text_column, "data.label_column": cfg.label_column}
+
+
+def _check_columns(table: pa.Table, required: dict[str, str], shown: str) -> None:
     columns = table.column_names
-    for key, col in (
-        ("data.text_column", cfg.text_column),
-        ("data.label_column", cfg.label_column),
-    ):
+    for key, col in required.items():
         if col not in columns:
             raise DataError(
                 f"{shown}: column {col!r} not found (columns: {', '.join(columns)}); set {key}"
             )
+
+
+def validate_table(table: pa.Table, cfg: DataConfig, shown: str) -> pa.Table:
+    """Check columns and every row; return (row, text, label-name) or raise DataError."""
+    _check_columns(table, _required_columns(cfg), shown)
     if table.num_rows == 0:
         raise DataError(f"{shown}: the dataset is empty (0 rows)")
 
@@ -345,7 +385,7 @@ def load_real_examples(cfg: DataConfig, seed: int) -> RealExamples:
             raise DataError(
                 f"{shown}: class {lab!r} has {n} example(s) after sampling, expected at least 2"
             )
-    return RealExamples(table=table, source_name=shown, counts=counts, rows_read=raw.num_rows)
+    return RealExamples(table=table, source_name=shown, counts=counts)
 
 
 def label_mask(table: pa.Table, label: str) -> np.ndarray:
@@ -360,10 +400,42 @@ def format_prompt(template: str, text: str) -> str:
     return template.format(text=text)
 
 
-def encode_pair(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
-    """Token ids of prompt + completion under the project's rule, and the prompt's length."""
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+def encode_pair(
+    tokenizer,
+    prompt: str,
+    completion: str,
+    *,
+    template: str = "{text}",
+    max_tokens: int | None = None,
+) -> tuple[list[int], int]:
+    """Token ids of prompt + completion under the project's rule, and the prompt's length.
+
+    The prompt is ``template.format(text=prompt)``. With ``max_tokens``, a longer pair is cut at
+    the end of ``prompt`` (the text), so the template's other parts and the completion stay."""
     completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(format_prompt(template, text), add_special_tokens=True)["input_ids"])
+
+    prompt_ids = encode(prompt)
+    if max_tokens is None or len(prompt_ids) + len(completion_ids) <= max_tokens:
+        return prompt_ids + completion_ids, len(prompt_ids)
+    # Keep the text's first tokens, cut at a token boundary of the text alone, then encode the
+    # whole prompt again (merges at the cut may differ): shrink until it fits.
+    text = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
+    keep = len(text["input_ids"])
+    while len(prompt_ids) + len(completion_ids) > max_tokens:
+        keep -= len(prompt_ids) + len(completion_ids) - max_tokens
+        if keep < 1:
+            raise DataError(
+                f"data.max_tokens: got {max_tokens}, but data.prompt_template and the completion "
+                f"{completion!r} leave no room for the text"
+            )
+        if tokenizer.is_fast:  # the original characters up to the end of token `keep`
+            head = prompt[: text["offset_mapping"][keep - 1][1]]
+        else:  # slow tokenizers give no offsets
+            head = tokenizer.decode(text["input_ids"][:keep])
+        prompt_ids = encode(head)
     return prompt_ids + completion_ids, len(prompt_ids)
 
 

@@ -31,6 +31,7 @@ from gradmm_ray.config import ModelConfig
 TINY = "tiny"
 TINY_RECIPE_VERSION = "4"  # bump when the recipe below changes: a new cache entry is built
 TINY_EMBEDDING_NORM = 1.4
+DEFAULT_MAX_TOKENS = 512  # data.max_tokens: null (see DataConfig for why 512)
 
 
 class ModelError(ValueError):
@@ -182,6 +183,17 @@ class CausalLM:
         A = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (N, T, d)
         mask = mask.to(self.device)
         return A.float() * mask.unsqueeze(-1), targets.to(self.device), mask
+
+    def token_limit(self, max_tokens: int | None) -> int:
+        """``data.max_tokens`` for this model: null = its max positions, at most
+        DEFAULT_MAX_TOKENS; any value at most its max positions (learned position tables end
+        there)."""
+        conf = self.model.config
+        positions = getattr(conf, "max_position_embeddings", None) or getattr(
+            conf, "n_positions", None
+        )
+        limit = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+        return min(limit, positions) if positions else limit
 
     def logits_tail(self) -> Callable[[Tensor], Tensor] | None:
         """What the model does to ``head(h)`` before the loss, or None when nothing."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import warnings
 from collections.abc import Iterator
 
@@ -20,15 +21,36 @@ def init_ray() -> tuple[str, bool]:
     if ray.is_initialized():
         return _describe("Ray (already connected)"), False
     address = os.environ.get("RAY_ADDRESS")
-    # Child processes (actors) inherit HF_HUB_OFFLINE etc. through the environment anyway; the
-    # project itself ships its code to a cluster through `ray job submit --working-dir`.
-    ray.init(
-        address=address,
-        logging_level=logging.WARNING,
-        log_to_driver=True,
-        include_dashboard=False if not address else None,
-    )
-    return _describe(f"cluster at {address}" if address else "local Ray"), True
+    try:
+        # Child processes (actors) inherit HF_HUB_OFFLINE etc. through the environment anyway;
+        # the project itself ships its code to a cluster through `ray job submit --working-dir`.
+        ray.init(
+            address=address,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+            include_dashboard=False if not address else None,
+        )
+        return _describe(f"cluster at {address}" if address else "local Ray"), True
+    except Exception as e:  # Ray raises many types here (ConnectionError, RuntimeError, ...)
+        if ray.is_initialized():
+            ray.shutdown()
+        todo = (
+            f"check that the cluster at RAY_ADDRESS={address} is up (`ray status`) and reachable, "
+            "or unset RAY_ADDRESS to start a local Ray"
+            if address
+            else "check free memory and disk space in /tmp (Ray's session folder), or start Ray "
+            "with `ray start --head` and set RAY_ADDRESS=auto"
+        )
+        raise RayStartFailed(f"could not start or join Ray: {_first_line(e)}; {todo}") from e
+
+
+class RayStartFailed(RuntimeError):
+    """ray.init failed: nothing has run and nothing has been written."""
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{e.__class__.__name__}: {lines[0]}" if lines else e.__class__.__name__
 
 
 def _describe(where: str) -> str:
@@ -104,9 +126,52 @@ def stage_errors(stage: str) -> Iterator[None]:
     try:
         yield
     except (ray.exceptions.RayError, ExecutionTimeoutError) as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        cause = lines[0] if lines else e.__class__.__name__
+        root = root_cause(str(e))
+        if root is not None and not _may_pass_on_retry(root[0]):
+            name, message, where = root
+            hint = (
+                "lower the stage's micro_batch_size / batch_size or data.max_tokens"
+                if name.endswith("OutOfMemoryError")
+                else "fix the cause; the full traceback is in the Ray Data log "
+                "(logs/ray-data in the Ray session folder)"
+            )
+            raise StageFailed(
+                f"stage {stage} failed on the cluster: {name}: {message}{where}; this error is "
+                f"deterministic: re-running will fail the same way; {hint}"
+            ) from e
         raise StageFailed(
-            f"stage {stage} failed on the cluster: {e.__class__.__name__}: {cause} "
+            f"stage {stage} failed on the cluster: {_first_line(e)} "
             "(finished work is kept; re-run the same command to resume)"
         ) from e
+
+
+# An exception line of a Python traceback: "RuntimeError: message" or "pkg.mod.SomeError: ...".
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt))(?:: (.*))?$")
+_FRAME_LINE = re.compile(r'^\s*File "(.+)", line (\d+), in (\S+)')
+# Causes that can go away on their own (network, storage, Ray's own failures).
+_TRANSIENT = {"OSError", "IOError", "ConnectionError", "TimeoutError", "BrokenPipeError"}
+
+
+def root_cause(text: str) -> tuple[str, str, str] | None:
+    """(type, first message line, " (at file:line in function)") of the first exception in a
+    worker traceback, or None when ``text`` holds none.
+
+    Ray keeps the user code's exception only as text: a UDF error arrives as
+    RayTaskError(UserCodeException) whose ``cause`` lost its ``__cause__`` in pickling, and an
+    actor that failed in ``__init__`` as an ActorDiedError holding the traceback as a string.
+    Python prints a chain oldest first, so the first exception line is the root cause."""
+    where = ""
+    for line in text.splitlines():
+        frame = _FRAME_LINE.match(line)
+        if frame:
+            path, lineno, function = frame.groups()
+            where = f" (at {os.path.basename(path)}:{lineno} in {function})"
+        match = _EXCEPTION_LINE.match(line)
+        if match:
+            return match.group(1), (match.group(2) or "").strip(), where
+    return None
+
+
+def _may_pass_on_retry(name: str) -> bool:
+    short = name.rsplit(".", 1)[-1]
+    return name.startswith("ray.") or short in _TRANSIENT or short.startswith("Connection")

@@ -114,10 +114,17 @@ def write_pool(
     return pool_path, pool, [rows[i] for i in split.dev], test
 
 
-def generate(k: int, pool_path: Path, out: Path, epsilon: str) -> Path:
-    """distill.py in-process: a synthetic set from k pool rows per class (resumes when done)."""
+def generate(k: int, pool_path: Path, pool_size: int, out: Path, epsilon: str) -> Path:
+    """distill.py in-process: a synthetic set from k pool rows per class (resumes when done).
+    Without noise, a stratified sample of exactly k; with noise, a Poisson sample of k per class
+    in expectation for the pool's two balanced classes (a deterministic cap would break the
+    privacy guarantee)."""
     argv = ["--data", str(pool_path), "--output", str(out / f"k{k}")]
-    argv += ["--set", f"data.per_class={k}", "--set", f"privacy.epsilon={epsilon}"]
+    if math.isinf(float(epsilon)):
+        argv += ["--set", f"data.per_class={k}"]
+    else:
+        argv += ["--set", f"privacy.sample_rate={min(1.0, 2 * k / pool_size):.6g}"]
+    argv += ["--set", f"privacy.epsilon={epsilon}"]
     for setting in DISTILL_SETTINGS:
         argv += ["--set", setting]
     rc = cli.main(argv)
@@ -261,7 +268,7 @@ def main(argv=None) -> int:
         sizes = {}
         for k in ks:
             t0 = time.perf_counter()
-            synthetic_file = generate(k, pool_path, out, args.epsilon)
+            synthetic_file = generate(k, pool_path, len(pool), out, args.epsilon)
             timings[f"distill_k{k}"] = round(time.perf_counter() - t0, 1)
             import pyarrow.parquet as pq
 

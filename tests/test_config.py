@@ -375,6 +375,13 @@ def test_type_error_through_set():
         ({"stages": []}, ["stages", "[]", "one or more"]),
         ({"data": {"prompt_template": "no field"}}, ["data.prompt_template", "'no field'"]),
         ({"data": {"per_class": 1}}, ["data.per_class", "got 1", ">= 2"]),
+        ({"data": {"per_class": 8}}, ["data.per_class", "got 8", "privacy.sample_rate", "Poisson"]),
+        ({"data": {"max_examples": 8}}, ["data.max_examples", "breaks the privacy guarantee"]),
+        ({"privacy": {"sample_rate": 0}}, ["privacy.sample_rate", "got 0", "(0, 1]"]),
+        (
+            {"privacy": {"sample_rate": 0.5, "adjacency": "replace_one"}},
+            ["privacy.sample_rate", "replace_one", "add_remove"],
+        ),
         ({"model": {"dtype": "int8"}}, ["model.dtype", "'int8'", "bfloat16"]),
     ],
 )

@@ -59,7 +59,7 @@ def test_jsonl_file(tmp_path):
     real = examples(write_jsonl(tmp_path / "d.jsonl", ROWS))
     assert as_rows(real) == [(i, r["text"], r["label"]) for i, r in enumerate(ROWS)]
     assert real.counts == {"positive": 3, "negative": 2}
-    assert real.rows_read == 5
+    assert real.table.num_rows == 5
     assert real.table.column_names == ["row", "text", "label"]
 
 
@@ -108,7 +108,7 @@ def test_folder_of_parquet_files(tmp_path):
     table, _ = read_table(DataConfig(source=str(folder)))
     assert table.num_rows == 5
     real = examples(folder)
-    assert real.rows_read == 5
+    assert real.table.num_rows == 5
     assert [t for _, t, _ in as_rows(real)] == [r["text"] for r in ROWS]
 
 
@@ -125,6 +125,48 @@ def test_unknown_suffix_is_a_data_error(tmp_path):
     path.write_text("x")
     with pytest.raises(DataError, match=r"unknown file format '\.xlsx'"):
         examples(path)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_text_file_not_utf8_names_the_line(tmp_path, fmt):
+    """A Latin-1 byte on line 4 of a JSONL or CSV file is named with the file, the line and
+    the byte (pyarrow's JSON reader accepts it silently; CSV makes the column binary)."""
+    if fmt == "jsonl":
+        lines = [json.dumps(r) for r in ROWS[:3]]
+        bad = '{"text": "Caf\xe9 society.", "label": "positive"}'
+    else:
+        lines = ["text,label", *(f"{r['text'].replace(',', '')},{r['label']}" for r in ROWS[:2])]
+        bad = "Caf\xe9 society.,positive"
+    path = tmp_path / f"d.{fmt}"
+    path.write_bytes(("\n".join([*lines, bad, *lines[1:]]) + "\n").encode("latin-1"))
+    with pytest.raises(DataError) as e:
+        examples(path)
+    assert str(e.value).startswith(f"{path} line 4: not UTF-8 text (byte 0xe9")
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_utf16_csv_is_named_as_not_utf8(tmp_path):
+    """A UTF-16 CSV (Excel's "Unicode text") fails to parse; the message names the encoding on
+    line 1 rather than the parser's complaint about columns."""
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\nGood.,positive\n", encoding="utf-16")
+    with pytest.raises(DataError, match=r"d\.csv line 1: not UTF-8 text \(byte 0xff"):
+        examples(path)
+
+
+def test_folder_file_missing_a_column_is_named(tmp_path):
+    """In a folder of files, the one that lacks the label column is named with that column;
+    extra columns that differ between files are ignored."""
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{**r, "source": 1} for r in ROWS[:3]])
+    write_jsonl(folder / "b.jsonl", [{"text": r["text"], "stars": 5} for r in ROWS[3:]])
+    with pytest.raises(DataError) as e:
+        examples(folder)
+    assert str(e.value).startswith(f"{folder / 'b.jsonl'}: column 'label' not found")
+    assert "set data.label_column" in str(e.value)
+    write_jsonl(folder / "b.jsonl", [{**r, "source": "web"} for r in ROWS[3:]])
+    assert [t for _, t, _ in as_rows(examples(folder))] == [r["text"] for r in ROWS]
 
 
 def _hf_features(datasets):
@@ -215,7 +257,6 @@ def test_label_names_override_classlabel_names(tmp_path):
 def test_bundled_sample_train():
     """The bundled sample: 400 training rows, 200 per class, every row kept by default."""
     real = load_real_examples(DataConfig(), seed=0)
-    assert real.rows_read == 400
     assert real.table.num_rows == 400
     assert real.counts == {"positive": 200, "negative": 200}
     assert real.source_name == "movie_reviews_train.jsonl"
@@ -224,7 +265,7 @@ def test_bundled_sample_train():
 def test_bundled_sample_test_split():
     """data.split=test selects the bundled 100-row test file."""
     real = load_real_examples(DataConfig(split="test"), seed=0)
-    assert real.rows_read == 100
+    assert real.table.num_rows == 100
     assert sum(real.counts.values()) == 100
 
 
@@ -319,7 +360,6 @@ def test_load_real_examples_samples_the_bundled_data():
     """per_class / max_examples apply in load_real_examples; row keeps the source index."""
     real = load_real_examples(DataConfig(per_class=10), seed=0)
     assert real.counts == {"positive": 10, "negative": 10}
-    assert real.rows_read == 400
     again = load_real_examples(DataConfig(per_class=10), seed=0)
     other = load_real_examples(DataConfig(per_class=10), seed=1)
     assert real.table.equals(again.table)
@@ -365,6 +405,58 @@ def test_encode_pair_with_a_fake_tokenizer():
 
     ids, n_prompt = encode_pair(Fake(), "ab", "c")
     assert (ids, n_prompt) == ([0, 97, 98, 99], 3)
+
+
+LONG_TEXT = "The acting was wonderful, but the plot felt dull and far too long. " * 600
+TEMPLATE = "Review: {text} It was"
+
+
+def test_encode_pair_cuts_a_long_text_to_max_tokens(tokenizer):
+    """A 9,000-token text is cut to max_tokens by shortening the text only: the template's
+    prefix and suffix and the completion stay, and the kept text is the original's start."""
+    assert len(tokenizer(LONG_TEXT)["input_ids"]) > 9000
+    ids, n_prompt = encode_pair(tokenizer, LONG_TEXT, " great", template=TEMPLATE, max_tokens=100)
+    assert len(ids) == 100
+    completion = tokenizer(" great", add_special_tokens=False)["input_ids"]
+    assert ids[n_prompt:] == completion and ids[0] == tokenizer.bos_token_id
+    prompt = tokenizer.decode(ids[1:n_prompt])
+    assert prompt.startswith("Review: The acting was wonderful") and prompt.endswith(" It was")
+    assert LONG_TEXT.startswith(prompt.removeprefix("Review: ").removesuffix(" It was"))
+    # A pair that fits is left exactly as the rule without a limit makes it.
+    short = encode_pair(tokenizer, "A warm film.", " great", template=TEMPLATE, max_tokens=100)
+    assert short == encode_pair(tokenizer, "Review: A warm film. It was", " great")
+
+
+def test_encode_pair_without_room_for_the_text(tokenizer):
+    """max_tokens below the template + completion length is named as a data.max_tokens error."""
+    with pytest.raises(DataError, match="data.max_tokens: got 3, .* no room for the text"):
+        encode_pair(tokenizer, LONG_TEXT, " great", template=TEMPLATE, max_tokens=3)
+
+
+def test_stage1_pads_micro_batches_to_at_most_max_tokens():
+    """Stage 1's actor with a 9,000-token row among short ones: every micro-batch it feeds to
+    completion_states is padded to at most max_tokens (the tiny model's 256 positions when
+    data.max_tokens is null), and with data.max_tokens set, to at most that."""
+    from gradmm_ray.config import build_config
+    from gradmm_ray.lm import pad_pairs
+    from gradmm_ray.targets import ClippedHeadGradSums
+
+    texts = np.array(["A warm film.", LONG_TEXT, "Dull."], dtype=object)
+    batch = {"text": texts, "label": np.array(["positive", "negative", "negative"], dtype=object)}
+    batch["row"] = np.arange(3)
+    for max_tokens, limit in ((None, 256), (64, 64)):
+        cfg = build_config({"model": {"device": "cpu"}, "data": {"max_tokens": max_tokens}})
+        actor = ClippedHeadGradSums(cfg)
+        widths = []
+        states = actor.lm.completion_states
+
+        def spy(pairs, states=states, widths=widths, pad=actor.lm.tokenizer.pad_token_id):
+            widths.append(pad_pairs(pairs, pad)[0].shape[1])
+            return states(pairs)
+
+        actor.lm.completion_states = spy  # our own object: the real method still runs
+        actor(batch)
+        assert widths and max(widths) == limit
 
 
 def test_check_verbalizers_returns_ids(tokenizer):

@@ -73,6 +73,7 @@ ADMM = [
 CLUSTER_ARGS = [
     *ADMM,
     "--set", "data.per_class=12",
+    "--set", "privacy.epsilon=.inf",  # per_class is a deterministic cap: only without noise
     "--set", "targets.micro_batch_size=2",
     "--set", "targets.rows_per_partial=2",
     "--set", "targets.min_actors=2",
@@ -87,6 +88,7 @@ CLUSTER_ARGS = [
 DRIVER_ARGS = [
     *ADMM,
     "--set", "data.per_class=8",
+    "--set", "privacy.epsilon=.inf",
     "--set", "targets.max_actors=1",
     "--set", "targets.num_gpus=0",
     "--set", "solve.candidates_per_class=6",

@@ -11,6 +11,9 @@ from gradmm_ray.config import ExecutionConfig
 from gradmm_ray.lm import ensure_tiny_model
 from gradmm_ray.ray_env import StageFailed, map_on_actor_pool, stage_errors
 
+# A few rows suffice; a per-class cap is allowed only without noise (not under test here).
+SMALL = ["--set", "data.per_class=4", "--set", "privacy.epsilon=.inf"]
+
 
 @pytest.fixture(autouse=True)
 def restore_stall_timeout(ray_session):
@@ -23,16 +26,18 @@ def restore_stall_timeout(ray_session):
 
 def test_actor_that_keeps_dying_ends_the_job(ray_session, tmp_path, capsys):
     """Model weights that cannot load make every stage-1 actor die in __init__: the job stops
-    with exit code 1 and one line naming the stage, within Ray Data's init-retry budget."""
+    with exit code 1 and one line naming the stage and the loader's error, within Ray Data's
+    init-retry budget, and says that re-running will not help (the file stays broken)."""
     model = tmp_path / "broken-model"
     shutil.copytree(ensure_tiny_model(), model)
     (model / "model.safetensors").write_bytes(b"not a safetensors file")
     out = tmp_path / "out"
-    argv = ["--model", str(model), "--output", str(out), "--set", "data.per_class=4"]
+    argv = ["--model", str(model), "--output", str(out), *SMALL]
     assert cli.main(argv) == cli.EXIT_STAGE_FAILED
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("distill.py")]
     assert len(err) == 1
-    assert "stage targets failed on the cluster" in err[0] and "re-run the same command" in err[0]
+    assert "stage targets failed on the cluster" in err[0] and "SafetensorError" in err[0]
+    assert "deterministic: re-running will fail the same way" in err[0]
     assert not (out / "targets.safetensors").exists()
 
 
@@ -40,11 +45,103 @@ def test_stage_that_cannot_start_times_out(ray_session, tmp_path, capsys):
     """Actors that ask for a GPU on a CPU-only cluster never start: after the stall timeout the
     job stops with one line naming the stage instead of waiting forever."""
     out = tmp_path / "out"
-    argv = ["--output", str(out), "--set", "data.per_class=4", "--set", "targets.num_gpus=1"]
+    argv = ["--output", str(out), *SMALL, "--set", "targets.num_gpus=1"]
     argv += ["--set", "execution.stall_timeout_s=5"]
     assert cli.main(argv) == cli.EXIT_STAGE_FAILED
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("distill.py")]
     assert len(err) == 1 and "stage targets failed on the cluster" in err[0]
+
+
+def test_error_in_user_code_names_the_root_cause_and_says_rerunning_will_not_help(ray_session):
+    """A UDF that raises reaches the driver as RayTaskError(UserCodeException) holding the
+    real exception only as traceback text: the line names that exception, its first line and
+    where it was raised, and says re-running fails the same way."""
+    import ray.data
+
+    class RaisesOnEveryBatch:  # local: pickled by value, workers cannot import test modules
+        def __call__(self, batch):
+            raise RuntimeError("shapes (4, 3) and (2,) differ\nsecond line of detail")
+
+    ds = map_on_actor_pool(
+        ray.data.range(2, override_num_blocks=1),
+        RaisesOnEveryBatch,
+        constructor_kwargs={},
+        batch_size=2,
+        min_actors=1,
+        max_actors=1,
+        num_gpus=0,
+        num_cpus=1,
+        execution=ExecutionConfig(max_actor_restarts=0, stall_timeout_s=120),
+    )
+    with pytest.raises(StageFailed) as failed, stage_errors("solve"):
+        ds.materialize()
+    line = str(failed.value)
+    assert len(line.splitlines()) == 1
+    assert line.startswith(
+        "stage solve failed on the cluster: RuntimeError: shapes (4, 3) and (2,) differ "
+        "(at test_stage_failures.py:"
+    )
+    assert "in __call__); this error is deterministic: re-running will fail the same way" in line
+    assert "re-run the same command" not in line
+
+
+WORKER_TRACEBACK = """\x1b[36mray::MapWorker(MapBatches(X)).submit()\x1b[39m (pid=1, ip=10.0.0.2)
+  File "/usr/lib/python3.11/concurrent/futures/thread.py", line 58, in run
+    result = self.fn(*self.args, **self.kwargs)
+  File "/app/gradmm_ray/targets.py", line 91, in __call__
+    A, targets, mask = self.lm.completion_states(pairs)
+{exception}
+
+The above exception was the direct cause of the following exception:
+
+ray.exceptions.UserCodeException: UDF failed to process a data block."""
+
+
+@pytest.mark.parametrize(
+    ("exception", "expected"),
+    [
+        (
+            "IndexError: index out of range in self",
+            "IndexError: index out of range in self (at targets.py:91 in __call__); "
+            "this error is deterministic",
+        ),
+        (
+            "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+            "this error is deterministic: re-running will fail the same way; lower the stage's "
+            "micro_batch_size",
+        ),
+        (
+            "gradmm_ray.data.DataError: data.max_tokens: got 8, but ...\nmore",
+            "gradmm_ray.data.DataError: data.max_tokens: got 8, but ... (at targets.py:91",
+        ),
+        ("ConnectionResetError: [Errno 104] reset by peer", "re-run the same command to resume"),
+        ("OSError: [Errno 5] Input/output error", "re-run the same command to resume"),
+    ],
+)
+def test_root_cause_decides_whether_rerunning_can_help(exception, expected):
+    """stage_errors on worker traceback text: user-code errors are deterministic (with where
+    they were raised), network and storage errors may pass on a re-run."""
+    import ray
+
+    with pytest.raises(StageFailed) as failed, stage_errors("targets"):
+        raise ray.exceptions.RayError(WORKER_TRACEBACK.format(exception=exception))
+    line = str(failed.value)
+    assert line.startswith("stage targets failed on the cluster: ") and expected in line
+    assert len(line.splitlines()) == 1
+
+
+def test_lost_actor_without_traceback_may_pass_on_rerun():
+    """An actor or node that died (no Python exception in the text) may pass on a re-run."""
+    import ray
+
+    with pytest.raises(StageFailed) as failed, stage_errors("solve"):
+        raise ray.exceptions.RayError(
+            "The actor died unexpectedly before finishing this task.\n\tclass_name: MapWorker"
+        )
+    assert str(failed.value) == (
+        "stage solve failed on the cluster: RayError: The actor died unexpectedly before "
+        "finishing this task. (finished work is kept; re-run the same command to resume)"
+    )
 
 
 def test_actor_dying_mid_batch_ends_the_stage_after_its_restarts(ray_session, tmp_path):
