@@ -72,7 +72,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an output directory that holds a different run",
+        help="replace an output directory that holds a different run: deletes only the files a "
+        "run writes, never others (a folder of foreign files is refused)",
     )
     return p.parse_args(argv)
 
@@ -126,5 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RayStartFailed, StageFailed) as e:
         print(f"distill.py: error: {e}", file=sys.stderr)
         return EXIT_STAGE_FAILED
+    except user_errors() as e:  # e.g. another run took the output's lock after prepare
+        print(f"distill.py: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
     print(format_summary(summary))
     return 0

@@ -13,9 +13,19 @@ from dataclasses import dataclass, field
 from gradmm_ray.audit import AUDIT_FILE, audit_table
 from gradmm_ray.config import Config
 from gradmm_ray.data import RealExamples, check_verbalizers, load_real_examples
+from gradmm_ray.inputs import data_identity, model_identity
 from gradmm_ray.lm import load_model, load_tokenizer, resolve_model_source
-from gradmm_ray.storage import RUN_FILE, OutputDir, OutputError, check_output_dir
-from gradmm_ray.targets import TARGETS_FILE
+from gradmm_ray.storage import (
+    RUN_FILE,
+    OutputDir,
+    OutputError,
+    check_inputs,
+    check_output_dir,
+    check_writable,
+    output_lock,
+    remove_run_files,
+)
+from gradmm_ray.targets import TARGETS_FILE, read_release_record
 
 
 @dataclass
@@ -25,6 +35,7 @@ class Prepared:
     mode: str  # new | resume | overwrite
     run_targets: bool
     real: RealExamples | None  # read when stage 1 runs or the audit is on
+    inputs: dict = field(default_factory=dict)  # data and model identity, for run.json
 
 
 @dataclass
@@ -39,13 +50,20 @@ class RunSummary:
 
 
 def prepare(cfg: Config, *, overwrite: bool) -> Prepared:
-    """Every user-input check, in the order a user would fix them. Writes nothing."""
+    """Every user-input check, in the order a user would fix them. Leaves nothing behind (the
+    writability probe deletes its file and any folder it created)."""
     out = OutputDir(cfg.output)
     mode = check_output_dir(out, cfg.fingerprint_dict(), overwrite=overwrite)
+    check_writable(out)
     source = resolve_model_source(cfg.model.name)
     tokenizer = load_tokenizer(source, cfg.model.revision, cfg.model.trust_remote_code)
     check_verbalizers(tokenizer, cfg.data.verbalizers)
-    has_targets = out.exists(TARGETS_FILE)
+    inputs = {"data": data_identity(cfg.data), "model": model_identity(cfg.model, source)}
+    if mode == "resume":
+        check_inputs(out, inputs)
+    has_targets = mode == "resume" and out.exists(TARGETS_FILE)  # overwrite deletes them
+    if has_targets:
+        read_release_record(out)  # a damaged release stops here, not after Ray starts
     needs_targets = "targets" in cfg.stages and not (mode == "resume" and has_targets)
     if not needs_targets and not has_targets:
         raise OutputError(
@@ -53,10 +71,16 @@ def prepare(cfg: Config, *, overwrite: bool) -> Prepared:
         )
     needs_real = needs_targets or (cfg.audit.enabled and "select" in cfg.stages)
     real = load_real_examples(cfg.data, cfg.seed) if needs_real else None
-    return Prepared(cfg, out, mode, needs_targets, real)
+    return Prepared(cfg, out, mode, needs_targets, real, inputs)
 
 
 def run(prep: Prepared) -> RunSummary:
+    """The stages, holding the output's lock throughout (released on errors too)."""
+    with output_lock(prep.out):
+        return _run_locked(prep)
+
+
+def _run_locked(prep: Prepared) -> RunSummary:
     # Ray and the stages are imported only now: bad input fails in a second, before Ray loads.
     import ray
 
@@ -64,11 +88,13 @@ def run(prep: Prepared) -> RunSummary:
 
     cfg, out = prep.cfg, prep.out
     summary = RunSummary(output=out.uri, mode=prep.mode)
-    if prep.mode == "overwrite":
-        out.clear()
-    out.write_json(RUN_FILE, {"fingerprint": cfg.fingerprint_dict(), "config": cfg.to_dict()})
+    # Ray first: when it cannot start or join, the output is left exactly as it was.
     summary.cluster, started_ray = init_ray()
     try:
+        if prep.mode == "overwrite":
+            remove_run_files(out)
+        run_record = {"fingerprint": cfg.fingerprint_dict(), "inputs": prep.inputs}
+        out.write_json(RUN_FILE, {**run_record, "config": cfg.to_dict()})
         configure_ray_data(cfg.execution)
         _run_stages(prep, summary)
     finally:
@@ -88,8 +114,6 @@ def _run_stages(prep: Prepared, summary: RunSummary) -> None:
     started = time.perf_counter()
 
     if prep.run_targets:
-        summary.counts["real_rows_read"] = prep.real.rows_read
-        summary.counts["real_rows_used"] = dict(prep.real.counts)
         gpus = actor_gpus(cfg.targets.num_gpus)
         model_revision = _model_revision(cfg)
         with stage_errors("targets"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -23,7 +24,7 @@ from gradmm_ray.config import Config
 from gradmm_ray.lm import load_model
 from gradmm_ray.projection import allowed_token_mask
 from gradmm_ray.ray_env import map_on_actor_pool
-from gradmm_ray.storage import OutputDir
+from gradmm_ray.storage import OutputDir, OutputError, OutputWarning, is_own
 from gradmm_ray.targets import blocks_of
 
 SOLVES_DIR = "solves"
@@ -53,20 +54,46 @@ def pending_items(items: list[WorkItem], done: set[tuple[int, float]]) -> list[W
 
 
 def finished_keys(out: OutputDir) -> set[tuple[int, float]]:
-    """(synthetic_id, rho) of every solve already written."""
-    table = read_solves(out)
-    if table is None:
-        return set()
-    return set(
-        zip(table.column("synthetic_id").to_pylist(), table.column("rho").to_pylist(), strict=True)
-    )
+    """(synthetic_id, rho) of every solve already written. A part that cannot be read (writes
+    are atomic, so only a damaged disk or copy truncates one) is deleted with a warning: its
+    items are not finished, so they are solved again."""
+    tables, damaged = _read_parts(out)
+    for rel in damaged:
+        warnings.warn(
+            f"{out.uri}/{rel} is unreadable; deleting it and solving its items again",
+            OutputWarning,
+            stacklevel=2,
+        )
+        out.delete(rel)
+    return {
+        (i, rho)
+        for t in tables
+        for i, rho in zip(
+            t.column("synthetic_id").to_pylist(), t.column("rho").to_pylist(), strict=True
+        )
+    }
 
 
 def read_solves(out: OutputDir) -> pa.Table | None:
-    parts = out.list(SOLVES_DIR, ".parquet")
-    if not parts:
-        return None
-    return pa.concat_tables([out.read_parquet(p) for p in parts])
+    tables, damaged = _read_parts(out)
+    if damaged:
+        raise OutputError(
+            f"{out.uri}/{damaged[0]} is unreadable; run the solve stage again (--stages solve,select) to recompute its items"
+        )
+    return pa.concat_tables(tables) if tables else None
+
+
+def _read_parts(out: OutputDir) -> tuple[list[pa.Table], list[str]]:
+    """(tables of the readable parts, names of the unreadable ones); only parts a run wrote."""
+    tables, damaged = [], []
+    for rel in out.list(SOLVES_DIR, ".parquet"):
+        if not is_own(rel):
+            continue
+        try:
+            tables.append(out.read_parquet(rel))
+        except (OSError, pa.ArrowException):
+            damaged.append(rel)
+    return tables, damaged
 
 
 class AdmmSolver:

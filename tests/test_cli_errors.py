@@ -216,6 +216,24 @@ def test_hub_id_offline(capsys, out):
     run_data(capsys, out, "no-such-user/no-such-dataset", "'no-such-user/no-such-dataset'")
 
 
+def test_jsonl_not_utf8(capsys, out, tmp_path):
+    """A JSONL file saved as Latin-1 is named with its line, not a UnicodeDecodeError."""
+    path = tmp_path / "latin1.jsonl"
+    rows = [json.dumps(r, ensure_ascii=False) for r in good_rows()]
+    rows.insert(2, '{"text": "Café society.", "label": "positive"}')
+    path.write_bytes(("\n".join(rows) + "\n").encode("latin-1"))
+    run_data(capsys, out, str(path), f"{path} line 3: not UTF-8 text", "save the file as UTF-8")
+
+
+def test_folder_file_without_label_column(capsys, out, tmp_path):
+    """In a folder of files, the file that lacks the label column is the one named."""
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", good_rows())
+    write_jsonl(folder / "b.jsonl", [{"text": "No label here."}])
+    run_data(capsys, out, str(folder), f"{folder / 'b.jsonl'}: column 'label' not found")
+
+
 # ---------------------------------------------------------------------------------------------
 # Config
 
@@ -342,11 +360,16 @@ def test_output_holds_a_different_run(capsys, out):
 
 
 def test_output_not_empty_without_run_file(capsys, out):
-    """A non-empty directory that holds no run is refused and left as it was."""
+    """A non-empty directory that holds no run is refused, even with --overwrite, without
+    recommending a destructive flag, and left as it was."""
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     before = snapshot(out)
-    fails(capsys, ["--output", str(out)], repr(str(out)), "not empty", "--overwrite")
+    for extra in ([], ["--overwrite"]):
+        line = fails(
+            capsys, ["--output", str(out), *extra], repr(str(out)), "not empty", "notes.txt"
+        )
+        assert "choose another --output" in line and "--overwrite" not in line
     assert snapshot(out) == before
 
 
@@ -362,7 +385,7 @@ def test_overwrite_accepts_a_different_run_without_writing_in_prepare(out):
     """With --overwrite the same directory is accepted (mode overwrite); prepare writes nothing."""
     _write_run(out, build_config({"privacy": {"epsilon": 2.0}, "output": str(out)}))
     before = snapshot(out)
-    cfg = build_config({"output": str(out), "data": {"per_class": 4}})
+    cfg = build_config({"output": str(out), "privacy": {"sample_rate": 0.5}})
     prep = pipeline.prepare(cfg, overwrite=True)
     assert prep.mode == "overwrite"
     assert snapshot(out) == before
@@ -370,10 +393,10 @@ def test_overwrite_accepts_a_different_run_without_writing_in_prepare(out):
 
 def test_same_settings_resume(out):
     """A directory holding a run with the same fingerprint is resumed, not refused."""
-    cfg = build_config({"output": str(out), "data": {"per_class": 4}})
+    cfg = build_config({"output": str(out), "privacy": {"sample_rate": 0.5}})
     _write_run(out, cfg)
     other_resources = build_config(
-        {"output": str(out), "data": {"per_class": 4}, "solve": {"max_actors": 9}}
+        {"output": str(out), "privacy": {"sample_rate": 0.5}, "solve": {"max_actors": 9}}
     )
     assert pipeline.prepare(other_resources, overwrite=False).mode == "resume"
 
@@ -422,3 +445,45 @@ def test_parquet_and_csv_good_inputs_pass_prepare(tmp_path):
         assert prep.mode == "new"
         assert prep.real is not None and prep.real.counts == {"positive": 2, "negative": 2}
         assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray cannot start
+
+
+class RayThatCannotStart:
+    """Stands in for the `ray` module inside ray_env: ray.init fails as on a node that cannot
+    start (e.g. a full /tmp) or a cluster that cannot be reached."""
+
+    @staticmethod
+    def is_initialized() -> bool:
+        return False
+
+    @staticmethod
+    def init(**kwargs) -> None:
+        raise RuntimeError("node timed out during startup\n(long explanation on later lines)")
+
+
+@pytest.mark.parametrize("address", [None, "10.0.0.9:6379"])
+def test_ray_that_cannot_start_writes_nothing(capsys, out, monkeypatch, address):
+    """ray.init failing ends the job with exit code 1 (the input is fine: re-run when Ray can
+    start) and one line with its first line and what to check; an output holding another run
+    is left exactly as it was, even with --overwrite (nothing is cleared or written before
+    Ray is up)."""
+    from gradmm_ray import ray_env
+    from gradmm_ray.cli import EXIT_STAGE_FAILED
+
+    monkeypatch.setattr(ray_env, "ray", RayThatCannotStart)  # our module's name, not Ray's
+    if address:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    _write_run(out, build_config({"privacy": {"epsilon": 2.0}, "output": str(out)}))
+    (out / "targets.safetensors").write_bytes(b"previous results")
+    before = snapshot(out)
+    data = write_jsonl(out.parent / "d.jsonl", good_rows())
+    code = main(["--data", data, "--output", str(out), "--overwrite"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == EXIT_STAGE_FAILED == 1
+    assert len(err) == 1 and err[0].startswith(PREFIX), err
+    assert "could not start or join Ray: RuntimeError: node timed out during startup;" in err[0]
+    assert (f"RAY_ADDRESS={address}" if address else "ray start --head") in err[0]
+    assert snapshot(out) == before

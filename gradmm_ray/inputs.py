@@ -1,0 +1,135 @@
+"""What a run read: the identity of its data and model, recorded in run.json beside the config.
+
+A resumed run must read the same inputs as the run that started the output directory, or its
+solves would match targets released from other data (or another model). Identity is cheap:
+each file's size and a SHA-256 of its first and last MiB (the whole file when it is at most
+2 MiB); for larger files the modification time stands in for the unhashed middle. A hub dataset
+is named by id and split only (its files are not inspected); a hub model by its resolved commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from gradmm_ray.config import DataConfig, ModelConfig
+from gradmm_ray.data import FILE_FORMATS, looks_like_path, sample_data_path
+
+EDGE_BYTES = 1 << 20  # hashed from each end of a file
+_LOCAL = pafs.LocalFileSystem()
+
+
+def file_identity(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
+    """Size and edge hash of one file (plus mtime when its middle is not hashed)."""
+    try:
+        info = fs.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            return {"missing": True}
+        h = hashlib.sha256()
+        with fs.open_input_file(path) as f:
+            size = f.size()
+            if size <= 2 * EDGE_BYTES:
+                h.update(f.read())
+            else:
+                h.update(f.read_at(EDGE_BYTES, 0))
+                h.update(f.read_at(EDGE_BYTES, size - EDGE_BYTES))
+    except (OSError, pa.ArrowException):
+        return {"missing": True}
+    ident: dict[str, Any] = {"size": size, "sha256": h.hexdigest()}
+    if size > 2 * EDGE_BYTES:
+        ident["mtime_ns"] = info.mtime_ns
+    return ident
+
+
+def _folder_files(fs: pafs.FileSystem, root: str, suffixes: tuple[str, ...] | None) -> list[str]:
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return sorted(
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File
+        and not i.base_name.startswith(".")
+        and (suffixes is None or Path(i.path).suffix.lower() in suffixes)
+    )
+
+
+def data_identity(cfg: DataConfig) -> dict[str, Any]:
+    """Never raises for a bad source: reading the data reports that with a better message."""
+    if cfg.source == "sample":
+        path = str(sample_data_path(cfg.split))
+        return {"sample": cfg.split, "files": {Path(path).name: file_identity(_LOCAL, path)}}
+    if not looks_like_path(cfg.source):
+        return {"hub": cfg.source, "split": cfg.split}
+    try:
+        if "://" in cfg.source:
+            fs, root = pafs.FileSystem.from_uri(cfg.source)
+        else:
+            fs, root = _LOCAL, os.path.abspath(os.path.expanduser(cfg.source))
+        if fs.get_file_info(root).type != pafs.FileType.Directory:
+            return {"source": cfg.source, "files": {cfg.source: file_identity(fs, root)}}
+        # A save_to_disk folder is read whole; a plain folder only through its data files.
+        hf = fs.get_file_info(f"{root}/dataset_info.json").type == pafs.FileType.File or (
+            fs.get_file_info(f"{root}/dataset_dict.json").type == pafs.FileType.File
+        )
+        paths = _folder_files(fs, root, None if hf else tuple(FILE_FORMATS))
+    except (OSError, pa.ArrowException):
+        return {"source": cfg.source, "files": {cfg.source: {"missing": True}}}
+    shown = {p: cfg.source.rstrip("/") + p[len(root) :] for p in paths}
+    return {
+        "source": cfg.source,
+        "split": cfg.split,
+        "files": {shown[p]: file_identity(fs, p) for p in paths},
+    }
+
+
+def model_identity(cfg: ModelConfig, source: str) -> dict[str, Any]:
+    """``source`` is what resolve_model_source returned: a local folder (tiny, a local model, or
+    the cached copy of an s3:// / gs:// folder) or a hub id."""
+    if os.path.isdir(source):
+        names = sorted(n for n in os.listdir(source) if not n.startswith("."))
+        files = {
+            n: file_identity(_LOCAL, os.path.join(source, n))
+            for n in names
+            if os.path.isfile(os.path.join(source, n))
+        }
+        return {"name": cfg.name, "files": files}
+    return {"name": cfg.name, "revision": cfg.revision, "commit": _hub_commit(cfg)}
+
+
+def _hub_commit(cfg: ModelConfig) -> str | None:
+    """The commit the hub (or its local cache) resolved ``model.revision`` to."""
+    from transformers import AutoConfig
+
+    try:
+        conf = AutoConfig.from_pretrained(
+            cfg.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except OSError:
+        return None
+    return getattr(conf, "_commit_hash", None)
+
+
+_FIELDS = {"size": "size", "sha256": "content", "mtime_ns": "mtime"}
+
+
+def describe_change(what: str, old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """One phrase naming the first difference between two identities, or None when equal."""
+    if old == new:
+        return None
+    old_files, new_files = old.get("files", {}), new.get("files", {})
+    for name in sorted(set(old_files) | set(new_files)):
+        a, b = old_files.get(name), new_files.get(name)
+        if a == b:
+            continue
+        if a is None:
+            return f"{what} file {name!r} was added"
+        if b is None or b.get("missing"):
+            return f"{what} file {name!r} is gone"
+        fields = [_FIELDS.get(k, k) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        return f"{what} file {name!r} changed ({'/'.join(fields)})"
+    keys = sorted(k for k in set(old) | set(new) if k != "files" and old.get(k) != new.get(k))
+    return f"{what} changed ({', '.join(f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in keys)})"
