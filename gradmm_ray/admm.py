@@ -88,16 +88,18 @@ class MatchingObjective:
         self.lm = lm
         emb = lm.model.get_input_embeddings()
         dev = lm.device
+
+        def ids(token_ids: list[int]) -> Tensor:  # long even when empty (no BOS, "{text}...")
+            return torch.tensor(token_ids, dtype=torch.long, device=dev)
+
         with torch.no_grad():
-            self.prefix = emb(torch.tensor(layout.prefix_ids, device=dev))  # (p, d)
-            self.suffix = emb(
-                torch.tensor(layout.suffix_ids, dtype=torch.long, device=dev)
-            )  # (s, d)
-            self.completion = emb(torch.tensor(layout.completion_ids, device=dev))  # (T, d)
+            self.prefix = emb(ids(layout.prefix_ids))  # (p, d)
+            self.suffix = emb(ids(layout.suffix_ids))  # (s, d)
+            self.completion = emb(ids(layout.completion_ids))  # (T, d)
         T = len(layout.completion_ids)
         self.n_fixed_before = len(layout.prefix_ids)
         self.n_after = len(layout.suffix_ids)
-        self.targets = torch.tensor(layout.completion_ids, device=dev).unsqueeze(0)  # (1, T)
+        self.targets = ids(layout.completion_ids).unsqueeze(0)  # (1, T)
         self.mask = torch.ones((1, T), dtype=torch.bool, device=dev)
         self.T = T
         self.W, self.b = lm.head_params_fp32()

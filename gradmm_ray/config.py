@@ -66,7 +66,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "tiny"  # "tiny", a Hugging Face hub id, or a local folder
+    name: str = "tiny"  # "tiny", "smollm2-135m", a Hugging Face hub id, or a local folder
     revision: str | None = None
     dtype: str = "auto"  # auto: bfloat16 on a GPU that supports it, else float32
     device: str = "auto"  # auto: cuda when the actor has a GPU, else cpu

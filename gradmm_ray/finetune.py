@@ -536,7 +536,7 @@ def mean_pooled_states(lm: CausalLM, prompts: Sequence[str], batch_size: int = 3
         input_ids = torch.full((len(ids), length), lm.tokenizer.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(ids), length), dtype=torch.long)
         for i, x in enumerate(ids):
-            input_ids[i, : len(x)] = torch.tensor(x)
+            input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
             attention[i, : len(x)] = 1
         hidden = lm.hidden_states(
             input_ids=input_ids.to(lm.device), attention_mask=attention.to(lm.device)
@@ -585,7 +585,9 @@ def option_scores(
 
 def label_targets(examples: Sequence[Example], verbalizers: dict[str, str], device) -> Tensor:
     options = sorted(verbalizers)
-    return torch.tensor([options.index(ex.label) for ex in examples], device=device)
+    return torch.tensor(
+        [options.index(ex.label) for ex in examples], dtype=torch.long, device=device
+    )
 
 
 def classification_loss(scores: Tensor, targets: Tensor) -> Tensor:

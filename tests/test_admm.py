@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import os
@@ -410,6 +411,42 @@ def test_solve_is_independent_of_batching(solved):
     assert alone.best_iter == in_batch.best_iter
     assert alone.match_loss == pytest.approx(in_batch.match_loss, abs=1e-5)
     assert alone.initial_match_loss == pytest.approx(in_batch.initial_match_loss, abs=1e-5)
+
+
+def bosless_tokenizer(tok):
+    """The same vocabulary and merges with a post-processor that adds nothing: a tokenizer that
+    adds no BOS, as SmolLM2's and Phi-1.5's (a new tokenizer object; ``tok`` is unchanged)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(tok.backend_tokenizer)
+    backend.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=tok.bos_token,
+        eos_token=tok.eos_token,
+        unk_token=tok.unk_token,
+        pad_token=tok.pad_token,
+    )
+
+
+def test_solve_batch_template_starting_with_text_and_no_bos(tiny_lm):
+    """Template "{text} It was" + a tokenizer that adds no BOS = an EMPTY prompt prefix (an empty
+    id list must still embed as long ids): solve_batch runs, and the returned tokens reproduce
+    the reported match_loss with the empty prefix (atol 1e-5)."""
+    tok = bosless_tokenizer(tiny_lm.tokenizer)
+    assert tok("It was")["input_ids"] == tiny_lm.tokenizer("It was")["input_ids"][1:]
+    lm = dataclasses.replace(tiny_lm, tokenizer=tok)
+    layout = layout_for(lm)
+    assert layout.prefix_ids == [] and layout.suffix_ids
+    G_W, _ = clean_mean_grad(lm, positive_texts(4), COMPLETION)
+    target = Target(G_W, None)
+    cfg = AdmmConfig(num_tokens=4, outer_iters=2, inner_steps=3, init_candidates=4, topk=20)
+    allowed = allowed_token_mask(tok, lm.vocab_size, word_like_only=False)
+    (res,) = solve_batch(lm, layout, target, [(0, 1.0)], cfg, seed=0, allowed=allowed)
+    assert len(res.token_ids) == cfg.num_tokens
+    loss = MatchingObjective(lm, layout, target).of_tokens(torch.tensor([res.token_ids]))
+    assert float(loss[0]) == pytest.approx(res.match_loss, abs=1e-5)
 
 
 def test_example_seed_depends_only_on_seed_and_id():

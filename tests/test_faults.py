@@ -16,8 +16,8 @@ session), so a failing scenario leaves no Ray behind. Every wait is bounded (240
      received the first partial sum, a worker node hosting a live stage-1 actor is removed
      without grace (its raylet and workers are SIGKILLed). The per-class sums must equal, to 1e-5
      relative, a fault-free computation of the same rows (the package's actor class called once,
-     in-process, on all rows), and the counts must equal ``real.counts``: no partial lost, none
-     counted twice. Stage 1 finishes on the surviving worker alone.
+     in-process, on all rows), and clean_class_sums itself raises unless the rows its partials saw
+     equal ``real.counts``: no partial lost, none counted twice. Stage 1 finishes on the surviving worker alone.
    * A replacement 2-CPU worker then joins, as an autoscaler would, so stage 2 starts on two
      workers and still has one after its own node loss (with no CPU left it would wait forever).
    * Stage 2: ``solve.run_solve`` with 2 actors and one item per batch. Once the first
@@ -342,8 +342,9 @@ def child_node_loss(out: str, result_path: str) -> None:
     )
     killer.start()
     try:
-        sums, counts = clean_class_sums(real, cfg, num_gpus=0)
-        stage1: dict = {"counts": counts}
+        # It raises unless every class saw each real row exactly once (rows_seen per partial).
+        sums = clean_class_sums(real, cfg, num_gpus=0)
+        stage1: dict = {"counts": dict(real.counts)}
     except Exception as e:
         sums, stage1 = None, {"error": f"{type(e).__name__}: {e}"}
     finally:
@@ -362,9 +363,10 @@ def child_node_loss(out: str, result_path: str) -> None:
     # The fault-free reference: the same actor class, in this process, all rows in one call.
     texts = np.array(real.table.column("text").to_pylist(), dtype=object)
     labels = np.array(real.table.column("label").to_pylist(), dtype=object)
-    ref = ClippedHeadGradSums(cfg)({"text": texts, "label": labels})
+    rows = np.array(real.table.column("row").to_pylist(), dtype=np.int64)
+    ref = ClippedHeadGradSums(cfg)({"row": rows, "text": texts, "label": labels})
     ref_labels = [str(x) for x in ref["label"]]
-    result["reference_counts"] = dict(zip(ref_labels, ref["count"].tolist(), strict=True))
+    result["reference_counts"] = dict(zip(ref_labels, ref["rows_seen"].tolist(), strict=True))
     names = [name for name in ("weight", "bias") if f"{name}_sum" in ref]
     ref_sums = {
         label: {n: torch.from_numpy(np.asarray(ref[f"{n}_sum"][i], np.float64)) for n in names}

@@ -102,3 +102,36 @@ def test_actor_sums_per_class_over_micro_batches(saved_arch):
         expected = sum(grads[j].double() * min(1.0, C / float(grads[j].norm())) for j in members)
         torch.testing.assert_close(_flat(out, i), expected, rtol=1e-4, atol=1e-6 * C)
         assert out["rows_seen"][i] == len(members)
+
+
+def test_select_scorer_runs_on_these_heads(saved_arch, ray_session):
+    """Stage 3's actor on the same heads: it took B by autograd through Gemma-2's tail under
+    inference_mode and crashed; its matching loss equals 1 - cos against a target that IS one
+    candidate's own gradient (so that candidate scores ~0)."""
+    from gradmm_ray.select import CandidateScorer
+
+    lm, folder = saved_arch
+    actor = _actor(folder, clip_norm=1e6)  # no clipping: the sum is the gradient itself
+    row = TEXTS[1]
+    own = actor(_batch([row]))
+    targets = {row[1]: {"weight": torch.from_numpy(np.asarray(own["weight_sum"][0]))}}
+    if "bias_sum" in own:
+        targets[row[1]]["bias"] = torch.from_numpy(np.asarray(own["bias_sum"][0]))
+    other = "negative" if row[1] == "positive" else "positive"
+    targets[other] = {k: torch.randn_like(v) for k, v in targets[row[1]].items()}
+    cfg = Config(
+        data=DataConfig(prompt_template=TEMPLATE, verbalizers=VERBALIZERS),
+        model=ModelConfig(name=folder, dtype="float32", device="cpu"),
+    )
+    scorer = CandidateScorer(cfg, [ray_session.put(targets)])
+    ids = lm.tokenizer(row[0], add_special_tokens=False)["input_ids"]
+    scored = scorer(
+        {
+            "text": np.array([row[0]], dtype=object),
+            "label": np.array([row[1]], dtype=object),
+            "token_ids": np.array([np.asarray(ids)], dtype=object),
+            "match_loss": np.array([0.5]),
+        }
+    )
+    assert scored["match_loss"][0] == pytest.approx(0.0, abs=1e-4)
+    assert 0 <= scored["label_prob"][0] <= 1 and np.isfinite(scored["log_ppl"][0])
