@@ -1,10 +1,16 @@
 """What a run read: the identity of its data and model, recorded in run.json beside the config.
 
 A resumed run must read the same inputs as the run that started the output directory, or its
-solves would match targets released from other data (or another model). Identity is cheap:
-each file's size and a SHA-256 of its first and last MiB (the whole file when it is at most
-2 MiB); for larger files the modification time stands in for the unhashed middle. A hub dataset
-is named by id and split only (its files are not inspected); a hub model by its resolved commit.
+solves would match targets released from other data (or another model).
+
+Data files are identified by their path and modification time ONLY. Their size or a hash of
+their content would let anyone who sees run.json and knows all rows but one tell whether that
+row is in the data (the file's size or hash differs with and without it): the very thing the
+DP release protects. Any rewrite of a file (or object) updates its modification time.
+Model files are public: each is identified by its size and a SHA-256 of its first and last MiB
+(the whole file when at most 2 MiB; for larger ones the modification time stands in for the
+unhashed middle). A hub dataset is named by id and split only; a hub model by its resolved
+commit.
 """
 
 from __future__ import annotations
@@ -24,12 +30,15 @@ EDGE_BYTES = 1 << 20  # hashed from each end of a file
 _LOCAL = pafs.LocalFileSystem()
 
 
-def file_identity(fs: pafs.FileSystem, path: str) -> dict[str, Any]:
-    """Size and edge hash of one file (plus mtime when its middle is not hashed)."""
+def file_identity(fs: pafs.FileSystem, path: str, *, content: bool) -> dict[str, Any]:
+    """One file: its mtime only (``content`` False: private data), or its size and edge hash
+    (plus mtime when its middle is not hashed)."""
     try:
         info = fs.get_file_info(path)
         if info.type != pafs.FileType.File:
             return {"missing": True}
+        if not content:
+            return {"mtime_ns": info.mtime_ns}
         h = hashlib.sha256()
         with fs.open_input_file(path) as f:
             size = f.size()
@@ -61,7 +70,10 @@ def data_identity(cfg: DataConfig) -> dict[str, Any]:
     """Never raises for a bad source: reading the data reports that with a better message."""
     if cfg.source == "sample":
         path = str(sample_data_path(cfg.split))
-        return {"sample": cfg.split, "files": {Path(path).name: file_identity(_LOCAL, path)}}
+        return {
+            "sample": cfg.split,
+            "files": {Path(path).name: file_identity(_LOCAL, path, content=False)},
+        }
     if not looks_like_path(cfg.source):
         return {"hub": cfg.source, "split": cfg.split}
     try:
@@ -70,7 +82,10 @@ def data_identity(cfg: DataConfig) -> dict[str, Any]:
         else:
             fs, root = _LOCAL, os.path.abspath(os.path.expanduser(cfg.source))
         if fs.get_file_info(root).type != pafs.FileType.Directory:
-            return {"source": cfg.source, "files": {cfg.source: file_identity(fs, root)}}
+            return {
+                "source": cfg.source,
+                "files": {cfg.source: file_identity(fs, root, content=False)},
+            }
         # A save_to_disk folder is read whole; a plain folder only through its data files.
         hf = fs.get_file_info(f"{root}/dataset_info.json").type == pafs.FileType.File or (
             fs.get_file_info(f"{root}/dataset_dict.json").type == pafs.FileType.File
@@ -82,7 +97,7 @@ def data_identity(cfg: DataConfig) -> dict[str, Any]:
     return {
         "source": cfg.source,
         "split": cfg.split,
-        "files": {shown[p]: file_identity(fs, p) for p in paths},
+        "files": {shown[p]: file_identity(fs, p, content=False) for p in paths},
     }
 
 
@@ -92,7 +107,7 @@ def model_identity(cfg: ModelConfig, source: str) -> dict[str, Any]:
     if os.path.isdir(source):
         names = sorted(n for n in os.listdir(source) if not n.startswith("."))
         files = {
-            n: file_identity(_LOCAL, os.path.join(source, n))
+            n: file_identity(_LOCAL, os.path.join(source, n), content=True)
             for n in names
             if os.path.isfile(os.path.join(source, n))
         }

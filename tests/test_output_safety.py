@@ -180,9 +180,25 @@ def test_changed_data_file_is_refused(tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", good_rows())
     out, argv = _started_run(tmp_path, data)
     before = snapshot(out)
+    mtime = os.stat(data).st_mtime_ns
     write_jsonl(tmp_path / "d.jsonl", good_rows(6))
-    fails(capsys, argv, f"data file {data!r} changed (content/size)", "pass --overwrite")
+    os.utime(data, ns=(mtime + 10**9, mtime + 10**9))  # an edit a second later, whatever the clock
+    fails(capsys, argv, f"data file {data!r} changed (mtime)", "pass --overwrite")
     assert snapshot(out) == before
+
+
+def test_data_identity_reveals_nothing_about_the_content(tmp_path):
+    """run.json identifies private data files by mtime only: no size, no hash. With a size or a
+    hash, anyone knowing all rows but one could tell from run.json whether that row is there."""
+    rows = good_rows()
+    a = write_jsonl(tmp_path / "a.jsonl", rows)
+    b = write_jsonl(tmp_path / "b.jsonl", rows[:-1])  # one row fewer
+    mtime = os.stat(a).st_mtime_ns
+    os.utime(b, ns=(mtime, mtime))
+    ident = {
+        p: data_identity(build_config({"data": {"source": p}}).data)["files"][p] for p in (a, b)
+    }
+    assert ident[a] == ident[b] == {"mtime_ns": mtime}
 
 
 def test_changed_file_in_data_folder_is_refused(tmp_path, capsys):
@@ -204,27 +220,27 @@ def test_changed_model_is_refused(tmp_path, capsys):
     fails(capsys, argv, "model file 'config.json' changed", "since this run started")
 
 
-def test_file_identity_hashes_both_ends_of_large_files(tmp_path):
-    """A change near either end of a large file shows in the hash; one in its unhashed middle
-    shows in the recorded modification time."""
+def test_model_file_identity_hashes_both_ends_of_large_files(tmp_path):
+    """Model files (public): a change near either end of a large file shows in the hash; one in
+    its unhashed middle shows in the recorded modification time."""
     import pyarrow.fs as pafs
 
     fs, path = pafs.LocalFileSystem(), str(tmp_path / "big.bin")
     data = bytearray(os.urandom(3 << 20))
     Path(path).write_bytes(data)
-    first = file_identity(fs, path)
+    first = file_identity(fs, path, content=True)
     assert set(first) == {"size", "sha256", "mtime_ns"}
     for offset in (10, len(data) - 10):
         changed = bytearray(data)
         changed[offset] ^= 1
         Path(path).write_bytes(changed)
         os.utime(path, ns=(first["mtime_ns"], first["mtime_ns"]))
-        assert file_identity(fs, path)["sha256"] != first["sha256"]
+        assert file_identity(fs, path, content=True)["sha256"] != first["sha256"]
     Path(path).write_bytes(data)
     os.utime(path, ns=(first["mtime_ns"] + 10**9, first["mtime_ns"] + 10**9))
     assert describe_change(
-        "data", {"files": {"f": first}}, {"files": {"f": file_identity(fs, path)}}
-    ) == ("data file 'f' changed (mtime)")
+        "model", {"files": {"f": first}}, {"files": {"f": file_identity(fs, path, content=True)}}
+    ) == ("model file 'f' changed (mtime)")
 
 
 @pytest.mark.parametrize(
@@ -418,6 +434,12 @@ def test_output_under_a_regular_file(capsys, tmp_path):
     out = tmp_path / "file" / "out"
     fails(capsys, ["--output", str(out)], repr(str(out)), "not writable", "choose another --output")
     assert (tmp_path / "file").read_text() == "a file"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_output_where_even_root_cannot_write(capsys):
+    """/proc refuses new folders to everyone, root included (CI runs as root)."""
+    fails(capsys, ["--output", "/proc/gradmm-out"], "'/proc/gradmm-out'", "not writable")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
