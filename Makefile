@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check $(PIP_INDEX_FLAGS) -c constraints.txt -e '.[dev,cloud]'
-	$(PY) -c "from gradmm_ray.lm import ensure_smollm2; print(ensure_smollm2())"  # once: ~0.5 GB in the cache
+	$(PY) -c "from gradmm_ray.core.lm import ensure_smollm2; print(ensure_smollm2())"  # once: ~0.5 GB in the cache
 	@touch $(STAMP)
 
 demo: install

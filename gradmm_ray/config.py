@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from gradmm_ray.errors import ConfigError
+
 STAGES = ("targets", "solve", "select")
 PROJECTION_RULES = ("paper", "reference")
 ADJACENCIES = ("add_remove", "replace_one")
@@ -31,10 +33,6 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem (one or more lines, each naming the field)."""
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,8 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from gradmm_ray.admm import (  # noqa: E402
+from gradmm_ray.config import AdmmConfig  # noqa: E402
+from gradmm_ray.core.admm import (  # noqa: E402
     MatchingObjective,
     SequenceLayout,
     Target,
@@ -50,16 +51,15 @@ from gradmm_ray.admm import (  # noqa: E402
     solve_batch,
     typical_embedding_norm,
 )
-from gradmm_ray.config import AdmmConfig  # noqa: E402
-from gradmm_ray.headgrad import (  # noqa: E402
+from gradmm_ray.core.headgrad import (  # noqa: E402
     clip_factors,
     clipped_head_grad_sum,
     head_grad_sq_norms,
     head_logits,
     logits_grad,
 )
-from gradmm_ray.lm import CausalLM  # noqa: E402
-from gradmm_ray.projection import RULES, allowed_token_mask, project  # noqa: E402
+from gradmm_ray.core.lm import CausalLM  # noqa: E402
+from gradmm_ray.core.projection import RULES, allowed_token_mask, project  # noqa: E402
 
 SUITES = ("stage1", "stage2", "projection", "scaling", "gpu")
 
@@ -117,7 +117,7 @@ suites (default: all five; results are merged into an existing --json file by su
                 memory_method. Goals: >= 50x over loop, >= 5x over vmap, max_rel_error <= 1e-5.
 
   stage2      One ADMM solve of a batch of synthetic examples against a noisy V x d target:
-                ours       gradmm_ray.admm.solve_batch (closed-form matching loss, one backward;
+                ours       gradmm_ray.core.admm.solve_batch (closed-form matching loss, one backward;
                            KV-cached projection);
                 reference  the same ADMM loop with the paper code's loss: the per-example head
                            gradient materialised by autograd.grad(create_graph=True), then the
@@ -152,7 +152,7 @@ suites (default: all five; results are merged into an existing --json file by su
                 without CUDA; --quick runs a tiny model of the same architecture, bf16, on
                 whatever device there is (a smoke test of this suite, not a figure).
 
-  scaling     Ray stage 2 (gradmm_ray.solve.run_solve, tiny model, CPU actors) with 1 and 2
+  scaling     Ray stage 2 (gradmm_ray.distributed.solve.run_solve, tiny model, CPU actors) with 1 and 2
               actors on a local ray.init(num_cpus=4), 96 work items; skipped when Ray is not
               importable.
               fields: examples_per_s {1, 2}: the stage's steady rate, items solved after the
@@ -712,7 +712,7 @@ def reference_solve_batch(
 
 
 def ours_solve_batch(*args, **kwargs) -> list[dict]:
-    """gradmm_ray.admm.solve_batch, results reduced to what is compared."""
+    """gradmm_ray.core.admm.solve_batch, results reduced to what is compared."""
     return [
         {"token_ids": r.token_ids, "match_loss": r.match_loss} for r in solve_batch(*args, **kwargs)
     ]
@@ -898,9 +898,9 @@ def suite_scaling(s: Settings) -> dict:
     except ImportError:
         return {"skipped": "ray is not importable in this environment"}
     from gradmm_ray.config import build_config
-    from gradmm_ray.lm import load_causal_lm
-    from gradmm_ray.solve import run_solve
-    from gradmm_ray.storage import OutputDir
+    from gradmm_ray.core.lm import load_causal_lm
+    from gradmm_ray.distributed.solve import run_solve
+    from gradmm_ray.io.storage import OutputDir
 
     tiny = load_causal_lm("tiny", dtype="float32", device="cpu")  # builds the cache entry once
     V, d = tiny.head.weight.shape

@@ -3,7 +3,7 @@
 
 import sys
 
-from gradmm_ray.cli import main
+from gradmm_ray.distill.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

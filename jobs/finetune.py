@@ -11,9 +11,10 @@ from collections.abc import Sequence
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from gradmm_ray import cli  # noqa: E402
-from gradmm_ray.config import ConfigError, load_yaml, parse_override  # noqa: E402
-from gradmm_ray.finetune import (  # noqa: E402
+from gradmm_ray.config import load_yaml, parse_override  # noqa: E402
+from gradmm_ray.distill import cli  # noqa: E402
+from gradmm_ray.errors import ConfigError  # noqa: E402
+from gradmm_ray.finetune.job import (  # noqa: E402
     BASELINES,
     FinetuneConfig,
     FinetuneError,
@@ -208,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"finetune.py: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     # Ray and the training stack load only now: bad input fails in seconds, before them.
-    from gradmm_ray.train_ray import FinetuneFailed, format_summary, run_job
+    from gradmm_ray.distributed.train import FinetuneFailed, format_summary, run_job
 
     try:
         summary = run_job(prep)

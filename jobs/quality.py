@@ -6,7 +6,7 @@ rows it came from, or than random real rows of the same size? CPU, bundled data,
 1. The bundled sample's train split is split once (seed 0): DEV (100 rows, choosing lr and
    checkpoint) and a POOL (the other 300 rows); TEST is the sample's own test split (100 rows).
    The pool is written to OUTPUT/pool.jsonl, so generation never sees DEV or TEST.
-2. For k in --per-class (default 5, 10, 20): `jobs/distill.py` (in-process, gradmm_ray.cli.main)
+2. For k in --per-class (default 5, 10, 20): `jobs/distill.py` (in-process, gradmm_ray.distill.cli.main)
    generates a synthetic set from k real pool rows per class into OUTPUT/k{k}/ (small ADMM
    settings; re-running resumes). Privacy: --epsilon (default .inf = no noise: at k <= 20 rows per
    class the DP noise on a V x d target is far larger than the signal, see README).
@@ -38,10 +38,9 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from gradmm_ray import cli  # noqa: E402
 from gradmm_ray.config import DataConfig, ModelConfig  # noqa: E402
-from gradmm_ray.data import load_real_examples  # noqa: E402
-from gradmm_ray.finetune import (  # noqa: E402
+from gradmm_ray.distill import cli  # noqa: E402
+from gradmm_ray.finetune.job import (  # noqa: E402
     EvalSets,
     Example,
     ProtocolConfig,
@@ -55,6 +54,7 @@ from gradmm_ray.finetune import (  # noqa: E402
     summarise,
     training_examples,
 )
+from gradmm_ray.io.real_data import load_real_examples  # noqa: E402
 
 DEV_SIZE = 100
 SPLIT_SEED = 0
@@ -255,8 +255,8 @@ def main(argv=None) -> int:
 
     import ray
 
-    from gradmm_ray.ray_env import init_ray
-    from gradmm_ray.train_ray import TrainingJob, run_training
+    from gradmm_ray.distributed.ray_env import init_ray
+    from gradmm_ray.distributed.train import TrainingJob, run_training
 
     cluster, started_ray = init_ray()  # one Ray for generation and fine-tuning
     timings = {}
@@ -374,7 +374,7 @@ def main(argv=None) -> int:
 
 
 def write_results(out: Path, q: dict, summary: dict) -> None:
-    from gradmm_ray.finetune import _png, plot_grad_error
+    from gradmm_ray.finetune.job import _png, plot_grad_error
 
     per_k = {int(k): v for k, v in q["per_class"].items()}
     (out / "accuracy.png").write_bytes(_png(plot_by_k(per_k, q["zero_shot"], q["full_pool"])))

@@ -11,7 +11,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from gradmm_ray.lm import CausalLM, load_causal_lm  # noqa: E402
+from gradmm_ray.core.lm import CausalLM, load_causal_lm  # noqa: E402
 
 
 @pytest.fixture(scope="session")

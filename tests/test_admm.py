@@ -1,4 +1,4 @@
-"""ADMM solver pieces (gradmm_ray.admm, gradmm_ray.projection) against literal references.
+"""ADMM solver pieces (gradmm_ray.core.admm, gradmm_ray.core.projection) against literal references.
 
 * MatchingObjective (one forward, one backward, no create_graph) vs a double-backward reference
   that materialises the synthetic example's head gradient with create_graph=True.
@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradmm_ray import projection
-from gradmm_ray.admm import (
+from gradmm_ray.config import AdmmConfig
+from gradmm_ray.core import projection
+from gradmm_ray.core.admm import (
     MatchingObjective,
     SequenceLayout,
     Target,
@@ -31,17 +32,13 @@ from gradmm_ray.admm import (
     solve_batch,
     typical_embedding_norm,
 )
-from gradmm_ray.config import AdmmConfig
-from gradmm_ray.data import encode_pair, format_prompt, sample_data_path
-from gradmm_ray.headgrad import (
-    clip_factors,
-    clipped_head_grad_sum,
-    head_grad_sq_norms,
-    head_logits,
-    logits_grad,
+from gradmm_ray.core.headgrad import (
+    clipped_sum_of_pairs,
 )
-from gradmm_ray.lm import CausalLM
-from gradmm_ray.projection import allowed_token_mask, cosine_candidates, project
+from gradmm_ray.core.lm import CausalLM
+from gradmm_ray.core.projection import allowed_token_mask, cosine_candidates, project
+from gradmm_ray.core.text import encode_pair, format_prompt
+from gradmm_ray.io.real_data import sample_data_path
 
 TEMPLATE = "{text} It was"
 COMPLETION = " great"
@@ -61,11 +58,7 @@ def positive_texts(n: int) -> list[str]:
 def clean_mean_grad(lm: CausalLM, texts: list[str], completion: str) -> tuple[Tensor, Tensor]:
     """The unclipped mean head gradient of real (text, completion) pairs, via headgrad."""
     pairs = [encode_pair(lm.tokenizer, format_prompt(TEMPLATE, t), completion) for t in texts]
-    A, targets, mask = lm.completion_states(pairs)
-    W, b = lm.head_params_fp32()
-    B = logits_grad(head_logits(A, W, b), targets, mask, lm.logits_tail())
-    factors = clip_factors(head_grad_sq_norms(A, B, with_bias=b is not None), None)
-    S_W, S_b = clipped_head_grad_sum(A, B, factors)
+    S_W, S_b = clipped_sum_of_pairs(lm, lm.head_params_fp32(), pairs, None)
     return S_W / len(pairs), S_b / len(pairs)
 
 
@@ -459,7 +452,7 @@ def test_example_seed_depends_only_on_seed_and_id():
     assert len(set(here)) == len(here)
     assert all(0 <= v < 2**63 for v in here)
     code = (
-        "import json, torch; torch.manual_seed(1); from gradmm_ray.admm import example_seed; "
+        "import json, torch; torch.manual_seed(1); from gradmm_ray.core.admm import example_seed; "
         f"print(json.dumps([example_seed(s, i) for s, i in {keys!r}]))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}

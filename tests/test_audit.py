@@ -4,7 +4,7 @@ import random
 
 import torch
 
-from gradmm_ray.audit import audit_table, longest_common_ngram, nearest_neighbours
+from gradmm_ray.distill.audit import audit_table, longest_common_ngram, nearest_neighbours
 
 
 def _brute_longest_common_run(query: list[int], corpus: list[list[int]]) -> int:

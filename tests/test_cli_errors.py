@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gradmm_ray import pipeline
-from gradmm_ray.cli import EXIT_USER_ERROR, main
 from gradmm_ray.config import build_config
-from gradmm_ray.storage import RUN_FILE, OutputDir
+from gradmm_ray.distill import pipeline
+from gradmm_ray.distill.cli import EXIT_USER_ERROR, main
+from gradmm_ray.io.storage import RUN_FILE, OutputDir
 
 try:
     import ray
@@ -470,8 +470,8 @@ def test_ray_that_cannot_start_writes_nothing(capsys, out, monkeypatch, address)
     start) and one line with its first line and what to check; an output holding another run
     is left exactly as it was, even with --overwrite (nothing is cleared or written before
     Ray is up)."""
-    from gradmm_ray import ray_env
-    from gradmm_ray.cli import EXIT_STAGE_FAILED
+    from gradmm_ray.distill.cli import EXIT_STAGE_FAILED
+    from gradmm_ray.distributed import ray_env
 
     monkeypatch.setattr(ray_env, "ray", RayThatCannotStart)  # our module's name, not Ray's
     if address:

@@ -430,7 +430,8 @@ def runtime_env_problems(env: dict[str, Any], *, remote_working_dir: bool = Fals
 def entrypoint_problems(entrypoint: str) -> Problems:
     """``python jobs/<script>.py --config jobs/configs/<file> --output <s3|gs URI>``, with both
     files present, the config valid for this project, and GPUs asked for explicitly."""
-    from gradmm_ray.config import ConfigError, build_config, load_yaml
+    from gradmm_ray.config import build_config, load_yaml
+    from gradmm_ray.errors import ConfigError
 
     argv = shlex.split(entrypoint)
     if len(argv) < 2 or argv[0] != "python":

@@ -7,16 +7,9 @@ import math
 
 import pytest
 
-from gradmm_ray import cli
-from gradmm_ray.config import (
-    STAGES,
-    Config,
-    ConfigError,
-    DataConfig,
-    build_config,
-    load_yaml,
-    parse_override,
-)
+from gradmm_ray.config import STAGES, Config, DataConfig, build_config, load_yaml, parse_override
+from gradmm_ray.distill import cli
+from gradmm_ray.errors import ConfigError
 
 
 def from_argv(*argv: str) -> Config:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from gradmm_ray.coreset import covering_radius, herding, kcenter_greedy
+from gradmm_ray.core.coreset import covering_radius, herding, kcenter_greedy
 
 
 def _dist(a, b) -> float:

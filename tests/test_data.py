@@ -12,14 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from gradmm_ray.config import DataConfig
-from gradmm_ray.data import (
-    DataError,
-    check_verbalizers,
-    encode_pair,
-    load_real_examples,
-    read_table,
-    stratified_sample,
-)
+from gradmm_ray.core.text import check_verbalizers, encode_pair
+from gradmm_ray.errors import DataError
+from gradmm_ray.io.real_data import load_real_examples, read_table, stratified_sample
 
 ROWS = [
     {"text": "A warm and clever film.", "label": "positive"},
@@ -45,7 +40,7 @@ def as_rows(real) -> list[tuple[int, str, str]]:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from gradmm_ray.lm import load_tokenizer, resolve_model_source
+    from gradmm_ray.core.lm import load_tokenizer, resolve_model_source
 
     return load_tokenizer(resolve_model_source("tiny"))
 
@@ -438,8 +433,8 @@ def test_stage1_pads_micro_batches_to_at_most_max_tokens():
     completion_states is padded to at most max_tokens (the tiny model's 256 positions when
     data.max_tokens is null), and with data.max_tokens set, to at most that."""
     from gradmm_ray.config import build_config
-    from gradmm_ray.lm import pad_pairs
-    from gradmm_ray.targets import ClippedHeadGradSums
+    from gradmm_ray.core.lm import pad_pairs
+    from gradmm_ray.distributed.targets import ClippedHeadGradSums
 
     texts = np.array(["A warm film.", LONG_TEXT, "Dull."], dtype=object)
     batch = {"text": texts, "label": np.array(["positive", "negative", "negative"], dtype=object)}

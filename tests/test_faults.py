@@ -292,11 +292,11 @@ def child_node_loss(out: str, result_path: str) -> None:
     import torch
     from ray.cluster_utils import Cluster
 
-    from gradmm_ray import cli
-    from gradmm_ray.data import load_real_examples
-    from gradmm_ray.solve import run_solve
-    from gradmm_ray.storage import OutputDir
-    from gradmm_ray.targets import ClippedHeadGradSums, clean_class_sums
+    from gradmm_ray.distill import cli
+    from gradmm_ray.distributed.solve import run_solve
+    from gradmm_ray.distributed.targets import ClippedHeadGradSums, clean_class_sums
+    from gradmm_ray.io.real_data import load_real_examples
+    from gradmm_ray.io.storage import OutputDir
 
     start = time.monotonic()
     result: dict = {"phases": {}}

@@ -15,9 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from gradmm_ray.config import ConfigError, DataConfig
-from gradmm_ray.data import encode_pair, load_real_examples
-from gradmm_ray.finetune import (
+from gradmm_ray.config import DataConfig
+from gradmm_ray.core.text import encode_pair
+from gradmm_ray.distributed.train import finalise_deepspeed_config
+from gradmm_ray.errors import ConfigError
+from gradmm_ray.finetune.job import (
     BASELINES,
     EvalSets,
     Example,
@@ -44,7 +46,7 @@ from gradmm_ray.finetune import (
     summarise,
     training_examples,
 )
-from gradmm_ray.train_ray import finalise_deepspeed_config
+from gradmm_ray.io.real_data import load_real_examples
 
 ROOT = Path(__file__).parent.parent
 JOB = ROOT / "jobs" / "finetune.py"

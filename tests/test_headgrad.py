@@ -1,4 +1,4 @@
-"""Closed-form LM-head gradients (gradmm_ray.headgrad) against brute-force autograd.
+"""Closed-form LM-head gradients (gradmm_ray.core.headgrad) against brute-force autograd.
 
 Brute force = run the FULL model on prompt + completion ids (the encode_pair rule), mean
 cross-entropy over the completion tokens, and differentiate with respect to the head's weight
@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradmm_ray.data import encode_pair, format_prompt
-from gradmm_ray.headgrad import (
+from gradmm_ray.core.headgrad import (
     clip_factors,
     clipped_head_grad_sum,
     head_grad_cosines,
@@ -32,7 +31,8 @@ from gradmm_ray.headgrad import (
     match_loss,
     per_example_head_grads,
 )
-from gradmm_ray.lm import CausalLM, logits_tail_for, pad_pairs
+from gradmm_ray.core.lm import CausalLM, logits_tail_for, pad_pairs
+from gradmm_ray.core.text import encode_pair, format_prompt
 
 TEMPLATE = "{text} It was"
 # Verbalizers of 1, 3, 1 and 2 tokens under the tiny tokenizer (checked in the fixture), with

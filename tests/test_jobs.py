@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from gradmm_ray.cli import parse_args
 from gradmm_ray.config import Config, build_config, load_yaml
+from gradmm_ray.distill.cli import parse_args
 
 CONFIGS = sorted((Path(__file__).parent.parent / "jobs" / "configs").glob("*.yaml"))
 

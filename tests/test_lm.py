@@ -2,7 +2,7 @@
 
 import torch
 
-from gradmm_ray.lm import load_causal_lm
+from gradmm_ray.core.lm import load_causal_lm
 
 
 def test_progress_false_loads_the_same_model_without_bars(capfd):

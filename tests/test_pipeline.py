@@ -10,17 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from gradmm_ray import cli
 from gradmm_ray.config import Config, DataConfig, TargetsConfig
-from gradmm_ray.data import encode_pair, format_prompt, load_real_examples
-from gradmm_ray.headgrad import (
-    clip_factors,
-    clipped_head_grad_sum,
-    head_grad_sq_norms,
-    head_logits,
-    logits_grad,
+from gradmm_ray.core.headgrad import (
+    clipped_sum_of_pairs,
 )
-from gradmm_ray.select import OUTPUT_COLUMNS
+from gradmm_ray.core.text import encode_pair, format_prompt
+from gradmm_ray.distill import cli
+from gradmm_ray.distill.output import OUTPUT_COLUMNS
+from gradmm_ray.io.real_data import load_real_examples
 
 CANARY = "zqxj canary wombat"
 
@@ -39,7 +36,7 @@ FAST = [
 
 def _direct_clean_sums(lm, real, cfg: Config) -> dict[str, torch.Tensor]:
     """Stage 1's clean per-class sums computed in one process, one batch per class."""
-    W, b = lm.head_params_fp32()
+    head = lm.head_params_fp32()
     out = {}
     rows = real.table.to_pylist()
     for label, completion in cfg.data.verbalizers.items():
@@ -50,17 +47,14 @@ def _direct_clean_sums(lm, real, cfg: Config) -> dict[str, torch.Tensor]:
             for r in rows
             if r["label"] == label
         ]
-        A, targets, mask = lm.completion_states(pairs)
-        B = logits_grad(head_logits(A, W, b), targets, mask)
-        factors = clip_factors(head_grad_sq_norms(A, B, with_bias=False), cfg.privacy.clip_norm)
-        out[label] = clipped_head_grad_sum(A, B, factors)[0].double()
+        out[label] = clipped_sum_of_pairs(lm, head, pairs, cfg.privacy.clip_norm)[0].double()
     return out
 
 
 def test_stage1_sum_does_not_depend_on_sharding(ray_session, tiny_lm):
     """1 actor with small batches vs 2 actors with large ones: the clean per-class sums agree with
     each other and with a one-process computation to 1e-5 relative."""
-    from gradmm_ray.targets import clean_class_sums
+    from gradmm_ray.distributed.targets import clean_class_sums
 
     cfg = Config(
         data=DataConfig(per_class=24), model=dataclasses.replace(Config().model, device="cpu")

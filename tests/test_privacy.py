@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from gradmm_ray.config import PrivacyConfig
-from gradmm_ray.headgrad import (
+from gradmm_ray.core.headgrad import (
     clip_factors,
     clipped_head_grad_sum,
     head_grad_sq_norms,
     per_example_head_grads,
 )
-from gradmm_ray.privacy import (
+from gradmm_ray.core.privacy import (
     InsecureNoiseWarning,
     noise_multiplier,
     noise_source,

@@ -3,9 +3,9 @@
 import math
 
 from gradmm_ray.config import PrivacyConfig
-from gradmm_ray.pipeline import RunSummary
-from gradmm_ray.privacy import privacy_record
-from gradmm_ray.report import format_summary, privacy_paragraph
+from gradmm_ray.core.privacy import privacy_record
+from gradmm_ray.distill.pipeline import RunSummary
+from gradmm_ray.distill.report import format_summary, privacy_paragraph
 
 
 def _summary(per_class_last: dict[str, int]) -> RunSummary:

@@ -9,17 +9,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from gradmm_ray.config import Config, SelectConfig
-from gradmm_ray.select import (
-    OUTPUT_COLUMNS,
+from gradmm_ray.core.selection import (
     balance_classes,
     best_rho_per_id,
     dedupe_text,
-    normalise_text,
     passes_label_check,
     select_rows,
-    synthetic_table,
     top_per_class,
 )
+from gradmm_ray.core.text import normalise_text
+from gradmm_ray.distill.output import OUTPUT_COLUMNS, synthetic_table
 
 LABELS = ["negative", "positive"]
 

@@ -13,18 +13,18 @@ import torch
 from test_admm import clean_mean_grad, layout_for
 from test_headgrad import assert_grad_close, brute_force_grads, head_only_copy, make_case
 
-from gradmm_ray.admm import MatchingObjective, Target, solve_batch
 from gradmm_ray.config import AdmmConfig
-from gradmm_ray.headgrad import per_example_head_grads
-from gradmm_ray.lm import (
+from gradmm_ray.core.admm import MatchingObjective, Target, solve_batch
+from gradmm_ray.core.headgrad import per_example_head_grads
+from gradmm_ray.core.lm import (
     SMOLLM2,
     CausalLM,
-    ModelError,
     ensure_smollm2,
     load_causal_lm,
     resolve_model_source,
 )
-from gradmm_ray.projection import allowed_token_mask
+from gradmm_ray.core.projection import allowed_token_mask
+from gradmm_ray.errors import ModelError
 
 # Single-token verbalizers under SmolLM2's tokenizer (make_case checks the counts).
 ROWS = [

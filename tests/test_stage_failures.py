@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 
-from gradmm_ray import cli
 from gradmm_ray.config import ExecutionConfig
-from gradmm_ray.lm import ensure_tiny_model
-from gradmm_ray.ray_env import StageFailed, map_on_actor_pool, stage_errors
+from gradmm_ray.core.lm import ensure_tiny_model
+from gradmm_ray.distill import cli
+from gradmm_ray.distributed.ray_env import StageFailed, map_on_actor_pool, stage_errors
 
 # A few rows suffice; a per-class cap is allowed only without noise (not under test here).
 SMALL = ["--set", "data.per_class=4", "--set", "privacy.epsilon=.inf"]
@@ -111,8 +111,8 @@ ray.exceptions.UserCodeException: UDF failed to process a data block."""
             "micro_batch_size",
         ),
         (
-            "gradmm_ray.data.DataError: data.max_tokens: got 8, but ...\nmore",
-            "gradmm_ray.data.DataError: data.max_tokens: got 8, but ... (at targets.py:91",
+            "gradmm_ray.io.real_data.DataError: data.max_tokens: got 8, but ...\nmore",
+            "gradmm_ray.io.real_data.DataError: data.max_tokens: got 8, but ... (at targets.py:91",
         ),
         ("ConnectionResetError: [Errno 104] reset by peer", "re-run the same command to resume"),
         ("OSError: [Errno 5] Input/output error", "re-run the same command to resume"),

@@ -3,7 +3,7 @@
 import pyarrow as pa
 import pytest
 
-from gradmm_ray.storage import OutputDir
+from gradmm_ray.io.storage import OutputDir
 
 
 def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):

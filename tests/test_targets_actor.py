@@ -12,8 +12,8 @@ import torch
 from test_headgrad import brute_force_grads, head_only_copy
 
 from gradmm_ray.config import Config, DataConfig, ModelConfig, PrivacyConfig, TargetsConfig
-from gradmm_ray.data import encode_pair, format_prompt
-from gradmm_ray.targets import ClippedHeadGradSums
+from gradmm_ray.core.text import encode_pair, format_prompt
+from gradmm_ray.distributed.targets import ClippedHeadGradSums
 
 TEXTS = [
     ("The plot was dull.", "negative"),
@@ -80,7 +80,7 @@ def test_actor_clips_each_example_jointly_to_c(saved_arch):
     norms = torch.stack([g.double().norm() for g in grads])
     C = 0.5 * float(norms.min())  # every example is clipped
     actor = _actor(folder, C)
-    assert (actor.b is not None) == lm.has_head_bias
+    assert (actor.head[1] is not None) == lm.has_head_bias
     for i, (row, g) in enumerate(zip(TEXTS, grads, strict=True)):
         out = actor(_batch([row], first_row=i))
         assert list(out["label"]) == [row[1]] and list(out["rows_seen"]) == [1]
@@ -108,7 +108,7 @@ def test_select_scorer_runs_on_these_heads(saved_arch, ray_session):
     """Stage 3's actor on the same heads: it took B by autograd through Gemma-2's tail under
     inference_mode and crashed; its matching loss equals 1 - cos against a target that IS one
     candidate's own gradient (so that candidate scores ~0)."""
-    from gradmm_ray.select import CandidateScorer
+    from gradmm_ray.distributed.select import CandidateScorer
 
     lm, folder = saved_arch
     actor = _actor(folder, clip_norm=1e6)  # no clipping: the sum is the gradient itself

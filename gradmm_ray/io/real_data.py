@@ -30,13 +30,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gradmm_ray.config import DataConfig
+from gradmm_ray.errors import DataError
 
 SAMPLE_SPLITS = {"train": "movie_reviews_train.jsonl", "test": "movie_reviews_test.jsonl"}
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-class DataError(ValueError):
-    """A user-facing problem with the real data (one line naming file, column, row, value)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,69 +387,3 @@ def load_real_examples(cfg: DataConfig, seed: int) -> RealExamples:
 
 def label_mask(table: pa.Table, label: str) -> np.ndarray:
     return pc.equal(table.column("label"), label).to_numpy(zero_copy_only=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Templates and tokenisation
-
-
-def format_prompt(template: str, text: str) -> str:
-    return template.format(text=text)
-
-
-def encode_pair(
-    tokenizer,
-    prompt: str,
-    completion: str,
-    *,
-    template: str = "{text}",
-    max_tokens: int | None = None,
-) -> tuple[list[int], int]:
-    """Token ids of prompt + completion under the project's rule, and the prompt's length.
-
-    The prompt is ``template.format(text=prompt)``. With ``max_tokens``, a longer pair is cut at
-    the end of ``prompt`` (the text), so the template's other parts and the completion stay."""
-    completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
-
-    def encode(text: str) -> list[int]:
-        return list(tokenizer(format_prompt(template, text), add_special_tokens=True)["input_ids"])
-
-    prompt_ids = encode(prompt)
-    if max_tokens is None or len(prompt_ids) + len(completion_ids) <= max_tokens:
-        return prompt_ids + completion_ids, len(prompt_ids)
-    # Keep the text's first tokens, cut at a token boundary of the text alone, then encode the
-    # whole prompt again (merges at the cut may differ): shrink until it fits.
-    text = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
-    keep = len(text["input_ids"])
-    while len(prompt_ids) + len(completion_ids) > max_tokens:
-        keep -= len(prompt_ids) + len(completion_ids) - max_tokens
-        if keep < 1:
-            raise DataError(
-                f"data.max_tokens: got {max_tokens}, but data.prompt_template and the completion "
-                f"{completion!r} leave no room for the text"
-            )
-        if tokenizer.is_fast:  # the original characters up to the end of token `keep`
-            head = prompt[: text["offset_mapping"][keep - 1][1]]
-        else:  # slow tokenizers give no offsets
-            head = tokenizer.decode(text["input_ids"][:keep])
-        prompt_ids = encode(head)
-    return prompt_ids + completion_ids, len(prompt_ids)
-
-
-def check_verbalizers(tokenizer, verbalizers: dict[str, str]) -> dict[str, list[int]]:
-    """Completion ids per label; each must be non-empty and distinct from the others."""
-    ids = {
-        lab: list(tokenizer(c, add_special_tokens=False)["input_ids"])
-        for lab, c in verbalizers.items()
-    }
-    for lab, toks in ids.items():
-        if not toks:
-            raise DataError(f"data.verbalizers.{lab}: {verbalizers[lab]!r} tokenises to no tokens")
-    seen: dict[tuple[int, ...], str] = {}
-    for lab, toks in ids.items():
-        if tuple(toks) in seen:
-            raise DataError(
-                f"data.verbalizers: {lab!r} and {seen[tuple(toks)]!r} tokenise to the same ids {toks}"
-            )
-        seen[tuple(toks)] = lab
-    return ids

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from gradmm_ray.config import DataConfig, ModelConfig
-from gradmm_ray.data import FILE_FORMATS, looks_like_path, sample_data_path
+from gradmm_ray.io.real_data import FILE_FORMATS, looks_like_path, sample_data_path
 
 EDGE_BYTES = 1 << 20  # hashed from each end of a file
 _LOCAL = pafs.LocalFileSystem()

@@ -19,13 +19,14 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from gradmm_ray.admm import SequenceLayout, Target, solve_batch
 from gradmm_ray.config import Config
-from gradmm_ray.lm import load_model
-from gradmm_ray.projection import allowed_token_mask
-from gradmm_ray.ray_env import map_on_actor_pool
-from gradmm_ray.storage import OutputDir, OutputError, OutputWarning, is_own
-from gradmm_ray.targets import blocks_of
+from gradmm_ray.core.admm import SequenceLayout, Target, solve_batch
+from gradmm_ray.core.lm import load_model
+from gradmm_ray.core.projection import allowed_token_mask
+from gradmm_ray.distributed.ray_env import map_on_actor_pool
+from gradmm_ray.distributed.targets import blocks_of
+from gradmm_ray.errors import OutputError
+from gradmm_ray.io.storage import OutputDir, OutputWarning, is_own
 
 SOLVES_DIR = "solves"
 

@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 
 from gradmm_ray.config import AdmmConfig
-from gradmm_ray.headgrad import head_logits, logits_grad, match_loss
-from gradmm_ray.lm import CausalLM
-from gradmm_ray.projection import project
+from gradmm_ray.core.headgrad import head_logits, logits_grad, match_loss
+from gradmm_ray.core.lm import CausalLM
+from gradmm_ray.core.projection import project
 
 
 def example_seed(seed: int, synthetic_id: int) -> int:

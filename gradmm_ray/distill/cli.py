@@ -7,7 +7,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from gradmm_ray.config import STAGES, ConfigError, build_config, load_yaml, parse_override
+from gradmm_ray.config import STAGES, build_config, load_yaml, parse_override
+from gradmm_ray.errors import ConfigError
 
 DESCRIPTION = """\
 Distil private labelled text into a small set of synthetic examples (GRADMM).
@@ -99,9 +100,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    from gradmm_ray.data import DataError
-    from gradmm_ray.lm import ModelError
-    from gradmm_ray.storage import OutputError
+    from gradmm_ray.errors import DataError, ModelError, OutputError
 
     return ConfigError, DataError, ModelError, OutputError
 
@@ -109,8 +108,8 @@ def user_errors() -> tuple[type[Exception], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
-    from gradmm_ray import pipeline
-    from gradmm_ray.report import format_summary
+    from gradmm_ray.distill import pipeline
+    from gradmm_ray.distill.report import format_summary
 
     try:
         cfg = config_from_args(args)
@@ -118,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except user_errors() as e:
         print(f"distill.py: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    from gradmm_ray.ray_env import RayStartFailed, StageFailed
+    from gradmm_ray.distributed.ray_env import RayStartFailed, StageFailed
 
     # Exit 1, not 2 (bad input): the input passed every check, but Ray could not start or a
     # stage could not finish; the line says whether re-running the same command can help.

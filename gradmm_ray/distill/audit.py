@@ -18,22 +18,10 @@ from collections.abc import Sequence
 import pyarrow as pa
 import torch
 
-from gradmm_ray.lm import CausalLM
+from gradmm_ray.core.lm import CausalLM
+from gradmm_ray.core.scoring import mean_pooled_states
 
 AUDIT_FILE = "audit.parquet"
-
-
-@torch.inference_mode()
-def mean_pooled_states(lm: CausalLM, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    """(N, d) fp32: the mean over tokens of the hidden states fed to the head."""
-    out = []
-    for i in range(0, len(texts), batch_size):
-        enc = lm.tokenizer(list(texts[i : i + batch_size]), padding=True, return_tensors="pt")
-        mask = enc["attention_mask"].to(lm.device)
-        hidden = lm.hidden_states(input_ids=enc["input_ids"].to(lm.device), attention_mask=mask)
-        weights = mask.unsqueeze(-1).float()  # (n, L, 1)
-        out.append(((hidden.float() * weights).sum(1) / weights.sum(1)).cpu())
-    return torch.cat(out) if out else torch.empty(0, lm.input_embeddings.shape[1])
 
 
 def nearest_neighbours(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gradmm_ray.lm import CausalLM
+from gradmm_ray.core.lm import CausalLM
 
 RULES = ("paper", "reference")
 MAX_WORD_CHARS = 17

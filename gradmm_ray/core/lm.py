@@ -32,15 +32,12 @@ import torch
 from torch import Tensor
 
 from gradmm_ray.config import ModelConfig
+from gradmm_ray.errors import ModelError
 
 TINY = "tiny"
 TINY_RECIPE_VERSION = "4"  # bump when the recipe below changes: a new cache entry is built
 TINY_EMBEDDING_NORM = 1.4
 DEFAULT_MAX_TOKENS = 512  # data.max_tokens: null (see DataConfig for why 512)
-
-
-class ModelError(ValueError):
-    """A user-facing problem with model.name (missing path, unloadable id)."""
 
 
 def cache_dir() -> Path:
@@ -456,7 +453,7 @@ def build_tiny_model(dest: Path, *, vocab_size: int = 1024, pretrain_steps: int 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from gradmm_ray.data import SAMPLE_SPLITS, sample_data_path
+    from gradmm_ray.io.real_data import SAMPLE_SPLITS, sample_data_path
 
     texts = []
     for split in SAMPLE_SPLITS:

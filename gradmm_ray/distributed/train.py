@@ -2,7 +2,7 @@
 
 Each worker loads the pretrained model once, then for every run (method, seed, lr) trains a fresh
 copy with Accelerate or DeepSpeed (ZeRO-2 / ZeRO-3, the JSON in jobs/configs/) through
-:func:`gradmm_ray.finetune.run_one`, and reports every evaluation with ``ray.train.report``. Rank 0
+:func:`gradmm_ray.finetune.job.run_one`, and reports every evaluation with ``ray.train.report``. Rank 0
 returns the records (``Result.return_value``). TorchTrainer sets MASTER_ADDR / RANK / WORLD_SIZE /
 LOCAL_RANK and the process group (gloo on CPU workers, nccl on GPUs), which both wrappers join.
 Accelerate and DeepSpeed are imported inside the worker only.
@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from gradmm_ray.config import DataConfig, ModelConfig
-from gradmm_ray.finetune import (
+from gradmm_ray.core.scoring import mean_pooled_states
+from gradmm_ray.finetune.job import (
     SYNTHETIC,
     EvalSets,
     Example,
@@ -40,7 +41,6 @@ from gradmm_ray.finetune import (
     WorkersConfig,
     capped,
     make_optimizer,
-    mean_pooled_states,
     metrics_document,
     n_train_of,
     plan_runs,
@@ -48,7 +48,7 @@ from gradmm_ray.finetune import (
     summarise,
     write_outputs,
 )
-from gradmm_ray.storage import OutputDir
+from gradmm_ray.io.storage import OutputDir
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,7 @@ def train_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None:
     import ray.train
     import ray.train.torch
 
-    from gradmm_ray.lm import load_model
+    from gradmm_ray.core.lm import load_model
 
     job: TrainingJob = config["job"]
     _quiet_report_logs()
@@ -278,7 +278,7 @@ class FinetuneFailed(RuntimeError):
 
 
 def worker_gpus(workers: WorkersConfig) -> float:
-    from gradmm_ray.ray_env import actor_gpus
+    from gradmm_ray.distributed.ray_env import actor_gpus
 
     return actor_gpus(workers.gpus_per_worker)
 
@@ -317,7 +317,7 @@ def run_training(job: TrainingJob, *, storage_path: str, name: str) -> list[dict
 
 
 def _embed_task(model: ModelConfig, prompts: list[str]) -> np.ndarray:
-    from gradmm_ray.lm import load_model
+    from gradmm_ray.core.lm import load_model
 
     lm = load_model(model)
     return mean_pooled_states(lm, prompts).numpy()
@@ -351,7 +351,7 @@ def run_job(prep: PreparedJob) -> FinetuneSummary:
     """Embeddings (if needed) -> plan -> train and evaluate on Ray -> metrics, results, plots."""
     import ray
 
-    from gradmm_ray.ray_env import init_ray
+    from gradmm_ray.distributed.ray_env import init_ray
 
     cfg = prep.cfg
     started = time.perf_counter()

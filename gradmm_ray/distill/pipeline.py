@@ -10,22 +10,23 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from gradmm_ray.audit import AUDIT_FILE, audit_table
 from gradmm_ray.config import Config
-from gradmm_ray.data import RealExamples, check_verbalizers, load_real_examples
-from gradmm_ray.inputs import data_identity, model_identity
-from gradmm_ray.lm import load_model, load_tokenizer, resolve_model_source
-from gradmm_ray.storage import (
+from gradmm_ray.core.lm import load_model, load_tokenizer, resolve_model_source
+from gradmm_ray.core.text import check_verbalizers
+from gradmm_ray.distill.audit import AUDIT_FILE, audit_table
+from gradmm_ray.distributed.targets import TARGETS_FILE, read_release_record
+from gradmm_ray.errors import OutputError
+from gradmm_ray.io.inputs import data_identity, model_identity
+from gradmm_ray.io.real_data import RealExamples, load_real_examples
+from gradmm_ray.io.storage import (
     RUN_FILE,
     OutputDir,
-    OutputError,
     check_inputs,
     check_output_dir,
     check_writable,
     output_lock,
     remove_run_files,
 )
-from gradmm_ray.targets import TARGETS_FILE, read_release_record
 
 
 @dataclass
@@ -84,7 +85,7 @@ def _run_locked(prep: Prepared) -> RunSummary:
     # Ray and the stages are imported only now: bad input fails in a second, before Ray loads.
     import ray
 
-    from gradmm_ray.ray_env import configure_ray_data, init_ray
+    from gradmm_ray.distributed.ray_env import configure_ray_data, init_ray
 
     cfg, out = prep.cfg, prep.out
     summary = RunSummary(output=out.uri, mode=prep.mode)
@@ -104,11 +105,13 @@ def _run_locked(prep: Prepared) -> RunSummary:
 
 
 def _run_stages(prep: Prepared, summary: RunSummary) -> None:
-    from gradmm_ray import report
-    from gradmm_ray.ray_env import actor_gpus, stage_errors
-    from gradmm_ray.select import SYNTHETIC_FILE, score_candidates, select_rows, synthetic_table
-    from gradmm_ray.solve import read_solves, run_solve
-    from gradmm_ray.targets import read_targets, run_targets
+    from gradmm_ray.core.selection import select_rows
+    from gradmm_ray.distill import report
+    from gradmm_ray.distill.output import SYNTHETIC_FILE, synthetic_table
+    from gradmm_ray.distributed.ray_env import actor_gpus, stage_errors
+    from gradmm_ray.distributed.select import score_candidates
+    from gradmm_ray.distributed.solve import read_solves, run_solve
+    from gradmm_ray.distributed.targets import read_targets, run_targets
 
     cfg, out = prep.cfg, prep.out
     started = time.perf_counter()

@@ -25,16 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from gradmm_ray.config import Config
-from gradmm_ray.data import RealExamples, encode_pair
-from gradmm_ray.headgrad import (
-    clip_factors,
-    clipped_head_grad_sum,
-    head_grad_sq_norms,
-    head_logits,
-    logits_grad,
-)
-from gradmm_ray.lm import load_model
-from gradmm_ray.privacy import (
+from gradmm_ray.core.headgrad import clipped_sum_of_pairs
+from gradmm_ray.core.lm import load_model
+from gradmm_ray.core.privacy import (
     PrivacyRecord,
     noise_source,
     noise_std_of_sum,
@@ -44,8 +37,11 @@ from gradmm_ray.privacy import (
     release_noisy_sums,
     sampling_seed,
 )
-from gradmm_ray.ray_env import map_on_actor_pool
-from gradmm_ray.storage import OutputDir, OutputError
+from gradmm_ray.core.text import encode_pair
+from gradmm_ray.distributed.ray_env import map_on_actor_pool
+from gradmm_ray.errors import OutputError
+from gradmm_ray.io.real_data import RealExamples
+from gradmm_ray.io.storage import OutputDir
 
 TARGETS_FILE = "targets.safetensors"
 TARGETS_RECORD = "targets.json"
@@ -57,8 +53,7 @@ class ClippedHeadGradSums:
 
     def __init__(self, cfg: Config):
         self.lm = load_model(cfg.model, progress=False)
-        self.W, self.b = self.lm.head_params_fp32()
-        self.tail = self.lm.logits_tail()
+        self.head = self.lm.head_params_fp32()
         self.template = cfg.data.prompt_template
         self.verbalizers = cfg.data.verbalizers
         self.clip_norm = cfg.privacy.clip_norm
@@ -78,37 +73,33 @@ class ClippedHeadGradSums:
         }
         keep = poisson_keep(batch["row"], self.sample_rate, seed=self.sample_seed)
         texts, labels = batch["text"][keep], all_labels[keep]
-        zeros = self.W.new_zeros  # a class seen but not sampled still gets (zero) sums
-        sums = {lab: [zeros(self.W.shape), zeros(self.W.shape[0])] for lab in seen}
-        for start in range(0, len(texts), self.micro):
-            chunk_labels = labels[start : start + self.micro]
-            pairs = [
-                encode_pair(
-                    self.lm.tokenizer,
-                    str(t),
-                    self.verbalizers[lab],
-                    template=self.template,
-                    max_tokens=self.max_tokens,
-                )
-                for t, lab in zip(texts[start : start + self.micro], chunk_labels, strict=True)
-            ]
-            A, targets, mask = self.lm.completion_states(pairs)  # (n, T, d) fp32
-            B = logits_grad(head_logits(A, self.W, self.b), targets, mask, self.tail)  # (n, T, V)
-            factors = clip_factors(
-                head_grad_sq_norms(A, B, with_bias=self.b is not None), self.clip_norm
-            )
-            for lab in sorted(set(chunk_labels.tolist())):
-                idx = torch.from_numpy(np.flatnonzero(chunk_labels == lab)).to(A.device)
-                s_w, s_b = clipped_head_grad_sum(A[idx], B[idx], factors[idx])
-                sums[lab][0] += s_w
-                sums[lab][1] += s_b
+        W, b = self.head
+        sums = {}  # a class seen but not sampled still gets (zero) sums
+        for lab in seen:
+            rows = texts[labels == lab]
+            s_w, s_b = W.new_zeros(W.shape), W.new_zeros(W.shape[0])
+            for start in range(0, len(rows), self.micro):
+                pairs = [
+                    encode_pair(
+                        self.lm.tokenizer,
+                        str(t),
+                        self.verbalizers[lab],
+                        template=self.template,
+                        max_tokens=self.max_tokens,
+                    )
+                    for t in rows[start : start + self.micro]
+                ]
+                part_w, part_b = clipped_sum_of_pairs(self.lm, self.head, pairs, self.clip_norm)
+                s_w += part_w
+                s_b += part_b
+            sums[lab] = (s_w, s_b)
         order = sorted(seen)
         out = {
             "label": np.array(order, dtype=object),
             "rows_seen": np.array([seen[k] for k in order], dtype=np.int64),
             "weight_sum": np.stack([sums[k][0].cpu().numpy() for k in order]),
         }
-        if self.b is not None:
+        if b is not None:
             out["bias_sum"] = np.stack([sums[k][1].cpu().numpy() for k in order])
         return out
 

@@ -51,22 +51,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gradmm_ray.config import Config, ConfigError, DataConfig, ModelConfig, build_typed, validate
-from gradmm_ray.coreset import herding, kcenter_greedy
-from gradmm_ray.data import (
-    DataError,
-    check_verbalizers,
-    encode_pair,
-    format_prompt,
+from gradmm_ray.config import Config, DataConfig, ModelConfig, build_typed, validate
+from gradmm_ray.core.coreset import herding, kcenter_greedy
+from gradmm_ray.core.headgrad import clipped_head_grad_sum, head_logits, logits_grad
+from gradmm_ray.core.lm import CausalLM, pad_pairs
+from gradmm_ray.core.text import check_verbalizers, encode_pair, format_prompt
+from gradmm_ray.errors import ConfigError, DataError, OutputError
+from gradmm_ray.io.real_data import (
     load_real_examples,
     looks_like_path,
     read_table,
     stratified_sample,
     validate_table,
 )
-from gradmm_ray.headgrad import clipped_head_grad_sum, head_logits, logits_grad
-from gradmm_ray.lm import CausalLM, pad_pairs
-from gradmm_ray.storage import OutputDir, OutputError
+from gradmm_ray.io.storage import OutputDir
 
 LOSSES = ("classification", "sft")
 BASELINES = ("zero-shot", "random", "herding", "kcenter", "full", "same-real")
@@ -946,7 +944,7 @@ def generation_rows(manifest: dict[str, Any] | None, data: DataConfig) -> list[i
 
 def prepare_job(cfg: FinetuneConfig, *, overwrite: bool) -> PreparedJob:
     """Read and check the inputs, make the splits. Writes nothing; raises a user-facing error."""
-    from gradmm_ray.lm import load_tokenizer, resolve_model_source
+    from gradmm_ray.core.lm import load_tokenizer, resolve_model_source
 
     out = OutputDir(cfg.output)
     if out.exists(METRICS_FILE) and not overwrite:
@@ -1163,7 +1161,7 @@ def n_train_of(sets: dict[str, list[Example]], runs: Sequence[RunSpec]) -> dict[
 
 
 def _png(fig) -> bytes:
-    from gradmm_ray.report import _png as png
+    from gradmm_ray.distill.report import _png as png
 
     return png(fig)
 
@@ -1315,7 +1313,7 @@ def metrics_document(
     seconds: float,
     notes: Sequence[str] = (),
 ) -> dict[str, Any]:
-    from gradmm_ray.report import package_versions
+    from gradmm_ray.distill.report import package_versions
 
     return {
         "runs": runs,

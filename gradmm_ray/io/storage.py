@@ -31,6 +31,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from gradmm_ray.errors import OutputError
+
 RUN_FILE = "run.json"
 LOCK_FILE = ".gradmm.lock"
 STALE_LOCK_HOURS = 24  # a lock from another host this old is reported as probably abandoned
@@ -58,10 +60,6 @@ OWN_FILES = frozenset(
 LEFTOVER_PATTERN = re.compile(r"((solves|plots)/)?\.(tmp|probe)-[0-9a-f]{32}")
 OWN_PATTERN = re.compile(rf"solves/part-[0-9a-f]{{32}}\.parquet|{LEFTOVER_PATTERN.pattern}")
 OWN_DIRS = ("solves", "plots")
-
-
-class OutputError(ValueError):
-    """A user-facing problem with the output directory."""
 
 
 class OutputWarning(UserWarning):
@@ -258,7 +256,7 @@ def read_run_file(out: OutputDir) -> dict:
 def check_inputs(out: OutputDir, inputs: dict[str, dict]) -> None:
     """On resume: the data and model must be the ones the run started with. A run.json from
     before inputs were recorded is accepted (run() records them now)."""
-    from gradmm_ray.inputs import describe_change
+    from gradmm_ray.io.inputs import describe_change
 
     previous = read_run_file(out).get("inputs")
     if previous is None:

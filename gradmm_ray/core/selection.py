@@ -1,0 +1,108 @@
+"""Selection rules: pure functions on plain rows (dicts of scores), each tested with a table of
+cases. The order, each step optional, and the counts after each step form the funnel:
+label check -> best rho per synthetic id -> dedupe by normalised text -> per class the
+``per_class`` lowest scores (score = match_loss + ppl_weight * log_ppl) -> balance classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradmm_ray.config import SelectConfig
+from gradmm_ray.core.text import normalise_text
+
+
+def selection_score(row: dict, ppl_weight: float) -> float:
+    return row["match_loss"] + ppl_weight * row["log_ppl"]
+
+
+def passes_label_check(row: dict, min_label_prob: float) -> bool:
+    return row["predicted_label"] == row["label"] and row["label_prob"] >= min_label_prob
+
+
+def best_rho_per_id(rows: list[dict], ppl_weight: float) -> list[dict]:
+    best: dict[int, dict] = {}
+    for r in rows:
+        cur = best.get(r["synthetic_id"])
+        if cur is None or selection_score(r, ppl_weight) < selection_score(cur, ppl_weight):
+            best[r["synthetic_id"]] = r
+    return [best[k] for k in sorted(best)]
+
+
+def dedupe_text(rows: list[dict], ppl_weight: float) -> list[dict]:
+    """One row per normalised text, the lowest score (then lowest id) kept."""
+    kept: dict[str, dict] = {}
+    for r in sorted(rows, key=lambda r: (selection_score(r, ppl_weight), r["synthetic_id"])):
+        kept.setdefault(normalise_text(r["text"]), r)
+    return sorted(kept.values(), key=lambda r: r["synthetic_id"])
+
+
+def top_per_class(rows: list[dict], per_class: int, ppl_weight: float) -> list[dict]:
+    by_label: dict[str, list[dict]] = {}
+    for r in rows:
+        by_label.setdefault(r["label"], []).append(r)
+    out = []
+    for label in sorted(by_label):
+        out += sorted(
+            by_label[label], key=lambda r: (selection_score(r, ppl_weight), r["synthetic_id"])
+        )[:per_class]
+    return sorted(out, key=lambda r: r["synthetic_id"])
+
+
+def balance_classes(rows: list[dict], ppl_weight: float) -> list[dict]:
+    """Each class whose mean score is above the lowest class mean drops its worst rows until its
+    mean is at or below that lowest mean, keeping at least one row (paper Sec. 4.4, generalised
+    from two classes to any number)."""
+    by_label: dict[str, list[dict]] = {}
+    for r in rows:
+        by_label.setdefault(r["label"], []).append(r)
+    if len(by_label) < 2:
+        return rows
+    for label in by_label:
+        by_label[label].sort(key=lambda r: (selection_score(r, ppl_weight), r["synthetic_id"]))
+
+    def mean(label: str) -> float:
+        return float(np.mean([selection_score(r, ppl_weight) for r in by_label[label]]))
+
+    floor = min(mean(label) for label in by_label)
+    for label, members in by_label.items():
+        while len(members) > 1 and mean(label) > floor:
+            members.pop()
+    return sorted(
+        (r for members in by_label.values() for r in members), key=lambda r: r["synthetic_id"]
+    )
+
+
+@dataclass
+class Selection:
+    rows: list[dict]
+    funnel: list[dict]  # [{"step": ..., "rows": ..., "per_class": {...}}]
+
+
+def _count(step: str, rows: list[dict], labels: list[str]) -> dict:
+    per = {label: 0 for label in labels}
+    for r in rows:
+        per[r["label"]] += 1
+    return {"step": step, "rows": len(rows), "per_class": per}
+
+
+def select_rows(rows: list[dict], cfg: SelectConfig, labels: list[str]) -> Selection:
+    w = cfg.ppl_weight
+    funnel = [_count("candidates", rows, labels)]
+    if cfg.label_check:
+        rows = [r for r in rows if passes_label_check(r, cfg.min_label_prob)]
+        funnel.append(_count("label_check", rows, labels))
+    rows = best_rho_per_id(rows, w)
+    funnel.append(_count("best_rho", rows, labels))
+    if cfg.dedupe:
+        rows = dedupe_text(rows, w)
+        funnel.append(_count("dedupe", rows, labels))
+    if cfg.per_class is not None:
+        rows = top_per_class(rows, cfg.per_class, w)
+        funnel.append(_count("top_per_class", rows, labels))
+    if cfg.balance:
+        rows = balance_classes(rows, w)
+        funnel.append(_count("balance", rows, labels))
+    return Selection(rows, funnel)

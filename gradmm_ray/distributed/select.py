@@ -1,0 +1,126 @@
+"""Stage 3 on Ray: score the solved candidates.
+
+Scores per candidate (an actor pool, since they need the LM):
+  * ``label_prob``: softmax over labels of the length-normalised completion log-likelihood of
+    ``prompt_template(text) + verbalizer(label)``, optionally after user-written few-shot
+    demonstrations (paper Sec. 4.4, Appendix B);
+  * ``match_loss``: the matching loss of the final training pair, tokenised as fine-tuning will
+    see it, against the released target of its label;
+  * ``log_ppl``: mean token NLL of the text under the LM given the label's generation prefix.
+
+The selection rules that follow are pure (gradmm_ray.core.selection). Reads the solves and the
+released targets only, never real data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from gradmm_ray.config import Config
+from gradmm_ray.core.headgrad import head_logits, logits_grad, match_loss
+from gradmm_ray.core.lm import load_model
+from gradmm_ray.core.scoring import completion_logprobs, few_shot_context
+from gradmm_ray.core.text import encode_pair, format_prompt
+from gradmm_ray.distributed.ray_env import map_on_actor_pool
+from gradmm_ray.distributed.targets import blocks_of
+
+# ---------------------------------------------------------------------------------------------
+# Scores
+
+
+class CandidateScorer:
+    """Ray Data actor: solved candidates in, the same rows with scores out."""
+
+    def __init__(self, cfg: Config, targets_ref: list):
+        import ray
+
+        self.lm = load_model(cfg.model, progress=False)
+        self.head = self.lm.head_params_fp32()
+        self.targets = {
+            label: (
+                t["weight"].to(self.lm.device),
+                t["bias"].to(self.lm.device) if "bias" in t else None,
+            )
+            for label, t in ray.get(targets_ref[0]).items()
+        }
+        self.data = cfg.data
+        self.context = few_shot_context(
+            cfg.select.few_shot, cfg.data.prompt_template, cfg.data.verbalizers
+        )
+        self.labels = sorted(cfg.data.verbalizers)
+
+    # no_grad, not inference_mode: a model with a logits tail (Gemma-2's soft-cap) takes B by
+    # autograd through that tail, which inference tensors refuse.
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tok, d = self.lm.tokenizer, self.data
+        texts = [str(t) for t in batch["text"]]
+        labels = [str(x) for x in batch["label"]]
+        # Label check: every text under every label.
+        scores = []
+        for label in self.labels:
+            pairs = [
+                encode_pair(
+                    tok, self.context + format_prompt(d.prompt_template, t), d.verbalizers[label]
+                )
+                for t in texts
+            ]
+            total, count = completion_logprobs(self.lm, self.head, pairs)
+            scores.append(total / count)
+        probs = torch.softmax(torch.stack(scores, dim=1), dim=1)  # (N, K)
+        own = torch.tensor([self.labels.index(lab) for lab in labels], dtype=torch.long)
+        label_prob = probs.gather(1, own.unsqueeze(1)).squeeze(1)
+        top_label = [self.labels[i] for i in probs.argmax(dim=1).tolist()]
+        # Perplexity of the text given its label's generation prefix.
+        gen = [
+            list(tok(d.generation_prefix.format(label=lab), add_special_tokens=True)["input_ids"])
+            for lab in labels
+        ]
+        ppl_pairs = [
+            (g + [int(x) for x in ids], len(g))
+            for g, ids in zip(gen, batch["token_ids"], strict=True)
+        ]
+        total, count = completion_logprobs(self.lm, self.head, ppl_pairs)
+        log_ppl = -(total / count)
+        # Matching loss of the final training pair.
+        final_loss = torch.empty(len(texts))
+        for label in sorted(set(labels)):
+            idx = [i for i, lab in enumerate(labels) if lab == label]
+            pairs = [
+                encode_pair(tok, format_prompt(d.prompt_template, texts[i]), d.verbalizers[label])
+                for i in idx
+            ]
+            A, targets, mask = self.lm.completion_states(pairs)
+            B = logits_grad(head_logits(A, *self.head), targets, mask, self.lm.logits_tail())
+            final_loss[idx] = match_loss(A, B, *self.targets[label]).cpu()
+        out = dict(batch)
+        out["label_prob"] = label_prob.numpy()
+        out["predicted_label"] = np.array(top_label, dtype=object)
+        out["log_ppl"] = log_ppl.numpy()
+        out["solve_match_loss"] = batch["match_loss"]
+        out["match_loss"] = final_loss.numpy()
+        return out
+
+
+def score_candidates(solves: pa.Table, targets: dict, cfg: Config, *, num_gpus: float) -> pa.Table:
+    import ray
+    import ray.data
+
+    targets_ref = ray.put(targets)
+    s = cfg.select
+    ds = ray.data.from_arrow(blocks_of(solves, s.batch_size, cfg.solve.max_actors))
+    scored = map_on_actor_pool(
+        ds,
+        CandidateScorer,
+        constructor_kwargs={"cfg": cfg, "targets_ref": [targets_ref]},
+        batch_size=s.batch_size,
+        min_actors=1,
+        max_actors=cfg.solve.max_actors,
+        num_gpus=num_gpus,
+        num_cpus=cfg.solve.num_cpus,
+        execution=cfg.execution,
+    )
+    table = pa.concat_tables(list(scored.iter_batches(batch_size=None, batch_format="pyarrow")))
+    return table.sort_by([("synthetic_id", "ascending"), ("rho", "ascending")])

@@ -1,0 +1,1 @@
+"""The fine-tuning and evaluation application (the paper's downstream protocol)."""
