@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install demo test lint format bench quality lock clean
+.PHONY: install demo test test-fast lint format bench quality lock clean
 
 install: $(STAMP)
 
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check $(PIP_INDEX_FLAGS) -c constraints.txt -e '.[dev,cloud]'
-	$(PY) -c "from gradmm_ray.core.lm import ensure_smollm2; print(ensure_smollm2())"  # once: ~0.5 GB in the cache
+	$(PY) -c "from gradmm_ray.models.smollm2 import ensure_smollm2; print(ensure_smollm2())"  # once: ~0.5 GB in the cache
 	@touch $(STAMP)
 
 demo: install
@@ -35,6 +35,10 @@ lint: install
 
 test: install lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The pure core and everything that needs neither Ray nor a real model (~1-2 min on 2 cores).
+test-fast: install lint
+	$(PY) -m pytest -m "not ray and not slow" $(PYTEST_ARGS)
 
 format: install
 	$(VENV)/bin/ruff check --fix .

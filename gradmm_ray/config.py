@@ -7,7 +7,10 @@ at once, before any cluster work, in a :class:`ConfigError`.
 
 Defaults are the embedded demo (bundled sample data, the tiny offline model) with the method's
 settings from the reference implementation where they are affordable on a laptop CPU; see
-``jobs/configs/`` for paper-scale settings.
+the presets in ``gradmm_ray/presets/`` for paper-scale settings.
+
+One file over ~400 lines on purpose: a setting's field, default, fingerprint role and
+validation rule are read and changed together, so they live together.
 """
 
 from __future__ import annotations
@@ -35,154 +38,190 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 T = TypeVar("T")
 
 
+# Which settings change the results is declared on each field: Config.fingerprint_dict keeps
+# the CHANGES_RESULTS ones (a resumed run must match them) and drops the KEEPS_RESULTS ones
+# (resources, stage choice, output location: a resumed run may change them). A section field
+# marked CHANGES_RESULTS contributes its own marked fields (possibly none, as targets).
+AFFECTS_RESULTS = "affects_results"
+CHANGES_RESULTS = {AFFECTS_RESULTS: True}
+KEEPS_RESULTS = {AFFECTS_RESULTS: False}
+
+
+def _result(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    """A field that changes the results (part of the resume fingerprint)."""
+    return field(default=default, metadata=CHANGES_RESULTS, **kwargs)
+
+
+def _resource(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    """A field that does not change the results (left out of the resume fingerprint)."""
+    return field(default=default, metadata=KEEPS_RESULTS, **kwargs)
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "sample"  # path / URI / hub id; "sample" = the bundled movie reviews
-    split: str = "train"  # split for hub datasets, save_to_disk folders and "sample"
-    text_column: str = "text"
-    label_column: str = "label"
-    label_names: tuple[str, ...] | None = None  # names for integer labels 0..K-1
-    prompt_template: str = "{text} It was"
-    verbalizers: dict[str, str] = field(
+    source: str = _result("sample")  # path / URI / hub id; "sample" = the bundled movie reviews
+    split: str = _result("train")  # split for hub datasets, save_to_disk folders and "sample"
+    text_column: str = _result("text")
+    label_column: str = _result("label")
+    label_names: tuple[str, ...] | None = _result(None)  # names for integer labels 0..K-1
+    prompt_template: str = _result("{text} It was")
+    verbalizers: dict[str, str] = _result(
         default_factory=lambda: {"positive": " great", "negative": " bad"}
     )
     # Conditions the LM during projection only; never part of the training pair.
-    generation_prefix: str = "A {label} movie review:"
+    generation_prefix: str = _result("A {label} movie review:")
     # Longest real training pair (prompt + completion) in tokens; a longer one is cut at the end
     # of its text, keeping the template's other parts and the completion. null = the model's
     # max positions, at most 512: the tiny model takes 256, SmolLM2 8192, and stage 1 pads each
     # micro-batch to its longest pair: one 8,000-token row would make all 32 rows 8,000 wide
     # (16x the activations of 512, 250x the attention scores), while review- or sentence-length
     # texts need < 200 tokens. Always capped at the model's max positions.
-    max_tokens: int | None = None
+    max_tokens: int | None = _result(None)
     # Deterministic caps (seeded, stratified): adding one row changes which others are kept, so
     # they break the DP guarantee and are allowed only with privacy.epsilon = .inf. Private runs
     # subsample with privacy.sample_rate instead.
-    max_examples: int | None = None
-    per_class: int | None = None
+    max_examples: int | None = _result(None)
+    per_class: int | None = _result(None)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "tiny"  # "tiny", "smollm2-135m", a Hugging Face hub id, or a local folder
-    revision: str | None = None
-    dtype: str = "auto"  # auto: bfloat16 on a GPU that supports it, else float32
-    device: str = "auto"  # auto: cuda when the actor has a GPU, else cpu
-    trust_remote_code: bool = False
+    name: str = _result("tiny")  # "tiny", "smollm2-135m", a Hugging Face hub id, or a local folder
+    revision: str | None = _result(None)
+    dtype: str = _result("auto")  # auto: bfloat16 on a GPU that supports it, else float32
+    device: str = _result("auto")  # auto: cuda when the actor has a GPU, else cpu
+    trust_remote_code: bool = _result(False)
 
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    epsilon: float = 1.0  # .inf = no noise
-    delta: float = 1e-4
-    clip_norm: float | None = 1.0  # null = no clipping (only with epsilon .inf)
-    adjacency: str = "add_remove"  # or replace_one (sensitivity 2C)
+    epsilon: float = _result(1.0)  # .inf = no noise
+    delta: float = _result(1e-4)
+    clip_norm: float | None = _result(1.0)  # null = no clipping (only with epsilon .inf)
+    adjacency: str = _result("add_remove")  # or replace_one (sensitivity 2C)
     # Poisson sampling of the real rows (each kept with this probability, secure randomness);
     # the accountant credits the amplification. 1 = every row.
-    sample_rate: float = 1.0
+    sample_rate: float = _result(1.0)
     # Testing and debugging ONLY: noise and sampling drawn from `seed`, so anyone who knows the
     # seed can subtract the noise. The record says private: false; every run warns.
-    insecure_reproducible_noise: bool = False
+    insecure_reproducible_noise: bool = _result(False)
 
 
 @dataclass(frozen=True)
-class TargetsConfig:
-    """Stage 1 resources. Each actor call takes `rows_per_partial` rows, runs them through the
-    model `micro_batch_size` at a time and emits one per-class partial sum."""
+class PoolConfig:
+    """A stage's autoscaling pool of Ray Data actors, each holding the model: it starts
+    `min_actors` and grows to `max_actors` while work is queued; each actor asks Ray for
+    `num_gpus` GPUs and `num_cpus` CPUs. Shared by the three stages (flat keys in each stage's
+    section: targets.max_actors, solve.num_gpus, select.num_cpus, ...)."""
 
-    micro_batch_size: int = 32
-    rows_per_partial: int = 4096
-    min_actors: int = 1
-    max_actors: int = 2
-    num_gpus: float | str = "auto"  # auto: 1 when the cluster has GPUs, else 0 (CPU actors)
-    num_cpus: float = 1.0
+    min_actors: int = _resource(1)
+    max_actors: int = _resource(2)
+    num_gpus: float | str = _resource("auto")  # auto: 1 when the cluster has GPUs, else 0 (CPU)
+    num_cpus: float = _resource(1.0)
+
+
+@dataclass(frozen=True)
+class TargetsConfig(PoolConfig):
+    """Stage 1: its pool, and how much each actor call takes. Each call takes
+    `rows_per_partial` rows, runs them through the model `micro_batch_size` at a time and emits
+    one per-class partial sum."""
+
+    micro_batch_size: int = _resource(32)
+    rows_per_partial: int = _resource(4096)
 
 
 @dataclass(frozen=True)
 class AdmmConfig:
-    num_tokens: int = 12  # free positions per synthetic example (public, not data-derived)
-    outer_iters: int = 30
-    inner_steps: int = 50
-    lr: float = 0.008
-    grad_clip: float = 1.0
-    rho: tuple[float, ...] = (1.0,)  # each value is its own work item
-    init_candidates: int = 32
-    projection: str = "reference"  # paper | reference
-    topk: int = 200
-    word_like_only: bool = False
+    num_tokens: int = _result(12)  # free positions per synthetic example (public, not data-derived)
+    outer_iters: int = _result(30)
+    inner_steps: int = _result(50)
+    lr: float = _result(0.008)
+    grad_clip: float = _result(1.0)
+    rho: tuple[float, ...] = _result((1.0,))  # each value is its own work item
+    init_candidates: int = _result(32)
+    projection: str = _result("reference")  # paper | reference
+    topk: int = _result(200)
+    word_like_only: bool = _result(False)
 
 
 @dataclass(frozen=True)
-class SolveConfig:
-    candidates_per_class: int = 8
-    batch_size: int = 8  # examples solved side by side on one actor
-    min_actors: int = 1
-    max_actors: int = 2
-    num_gpus: float | str = "auto"
-    num_cpus: float = 1.0
+class SolveConfig(PoolConfig):
+    """Stage 2: its pool, the number of work items, examples solved side by side per call."""
+
+    candidates_per_class: int = _result(8)
+    batch_size: int = _resource(8)  # examples solved side by side on one actor
 
 
 @dataclass(frozen=True)
-class SelectConfig:
-    label_check: bool = True
-    min_label_prob: float = 0.0
-    dedupe: bool = True
-    per_class: int | None = 4  # null = keep every candidate that passes
-    ppl_weight: float = 0.0
-    balance: bool = True
-    few_shot: tuple[dict[str, str], ...] = ()  # user-written {text, label} demonstrations
-    batch_size: int = 16
+class SelectConfig(PoolConfig):
+    """Stage 3: its pool (scoring candidates with the model), the rules, rows per call."""
+
+    label_check: bool = _result(True)
+    min_label_prob: float = _result(0.0)
+    dedupe: bool = _result(True)
+    per_class: int | None = _result(4)  # null = keep every candidate that passes
+    ppl_weight: float = _result(0.0)
+    balance: bool = _result(True)
+    few_shot: tuple[dict[str, str], ...] = _result(())  # user-written {text, label} demonstrations
+    batch_size: int = _resource(16)
 
 
 @dataclass(frozen=True)
 class ExecutionConfig:
     """How long to wait and how often to retry before a stage fails with a clear error."""
 
-    stall_timeout_s: float = 1800.0  # no progress this long (e.g. no GPU node comes up): fail
+    stall_timeout_s: float = _resource(
+        1800.0
+    )  # no progress this long (e.g. no GPU node comes up): fail
     # An actor that keeps dying ends the stage after this many restarts (raise it for long runs
     # on spot/preemptible nodes: each reclaimed node costs its actor one restart).
-    max_actor_restarts: int = 3
+    max_actor_restarts: int = _resource(3)
 
 
 @dataclass(frozen=True)
 class AuditConfig:
     # Reads the real data again after the DP release: its output is outside the guarantee.
-    enabled: bool = False
+    enabled: bool = _resource(False)
 
 
 @dataclass(frozen=True)
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-    targets: TargetsConfig = field(default_factory=TargetsConfig)
-    admm: AdmmConfig = field(default_factory=AdmmConfig)
-    solve: SolveConfig = field(default_factory=SolveConfig)
-    select: SelectConfig = field(default_factory=SelectConfig)
-    audit: AuditConfig = field(default_factory=AuditConfig)
-    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
-    output: str = "outputs/demo"
-    seed: int = 0
-    stages: tuple[str, ...] = STAGES
+    data: DataConfig = _result(default_factory=DataConfig)
+    model: ModelConfig = _result(default_factory=ModelConfig)
+    privacy: PrivacyConfig = _result(default_factory=PrivacyConfig)
+    targets: TargetsConfig = _result(default_factory=TargetsConfig)
+    admm: AdmmConfig = _result(default_factory=AdmmConfig)
+    solve: SolveConfig = _result(default_factory=SolveConfig)
+    select: SelectConfig = _result(default_factory=SelectConfig)
+    audit: AuditConfig = _resource(default_factory=AuditConfig)
+    execution: ExecutionConfig = _resource(default_factory=ExecutionConfig)
+    output: str = _resource("outputs/demo")
+    seed: int = _result(0)
+    stages: tuple[str, ...] = _resource(STAGES)
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(dataclasses.asdict(self))
 
     def fingerprint_dict(self) -> dict[str, Any]:
-        """The settings that determine the results; resource and stage choices are left out so
-        that a resumed run may use a different cluster or run a later stage."""
-        d = self.to_dict()
-        for key in ("output", "stages", "audit", "execution"):  # these never change results
-            d.pop(key)
-        for section in ("targets", "solve"):
-            d[section] = {
-                k: v
-                for k, v in d[section].items()
-                if k not in ("min_actors", "max_actors", "num_gpus", "num_cpus", "batch_size")
-                and not k.startswith(("micro_batch", "rows_per"))
-            }
-        d["select"].pop("batch_size")
-        return d
+        """The settings that determine the results (the fields marked CHANGES_RESULTS), so that
+        a resumed run may use a different cluster or run a later stage."""
+        return _jsonable(results_only(self))
+
+
+def results_only(cfg: Any) -> dict[str, Any]:
+    """The CHANGES_RESULTS fields of a config dataclass, sections recursively."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if AFFECTS_RESULTS not in f.metadata:
+            raise AssertionError(
+                f"Internal error: {type(cfg).__name__}.{f.name} does not say whether it "
+                "changes results (use _result or _resource)"
+            )
+        if not f.metadata[AFFECTS_RESULTS]:
+            continue
+        value = getattr(cfg, f.name)
+        out[f.name] = results_only(value) if dataclasses.is_dataclass(value) else value
+    return out
 
 
 def _jsonable(value: Any) -> Any:
@@ -453,7 +492,7 @@ def validate(cfg: Config) -> list[str]:
             "guarantee: use privacy.sample_rate (Poisson sampling) or privacy.epsilon .inf",
         )
 
-    for name in ("targets", "solve"):
+    for name in STAGES:  # each stage's PoolConfig
         s = getattr(cfg, name)
         need(s.min_actors >= 1, f"{name}.min_actors: got {s.min_actors}, expected >= 1")
         need(

@@ -22,11 +22,9 @@ the tiny model's weights.
 
 from __future__ import annotations
 
-import os
+from gradmm_ray.env import set_defaults
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+set_defaults(offline=True)  # the tiny model and the bundled data only
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
@@ -39,21 +37,13 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gradmm_ray.config import DataConfig, ModelConfig  # noqa: E402
+from gradmm_ray.core.gradient_error import capped  # noqa: E402
+from gradmm_ray.core.training import EvalSets, Example, RunSpec  # noqa: E402
 from gradmm_ray.distill import cli  # noqa: E402
-from gradmm_ray.finetune.job import (  # noqa: E402
-    EvalSets,
-    Example,
-    ProtocolConfig,
-    RunSpec,
-    WorkersConfig,
-    capped,
-    class_budget,
-    random_subset,
-    read_split,
-    split_rows,
-    summarise,
-    training_examples,
-)
+from gradmm_ray.finetune.config import ProtocolConfig, WorkersConfig  # noqa: E402
+from gradmm_ray.finetune.examples import read_split, training_examples  # noqa: E402
+from gradmm_ray.finetune.report import summarise  # noqa: E402
+from gradmm_ray.finetune.splits import class_budget, random_subset, split_rows  # noqa: E402
 from gradmm_ray.io.real_data import load_real_examples  # noqa: E402
 
 DEV_SIZE = 100
@@ -374,11 +364,12 @@ def main(argv=None) -> int:
 
 
 def write_results(out: Path, q: dict, summary: dict) -> None:
-    from gradmm_ray.finetune.job import _png, plot_grad_error
+    from gradmm_ray.finetune.report import plot_grad_error
+    from gradmm_ray.provenance import png_bytes
 
     per_k = {int(k): v for k, v in q["per_class"].items()}
-    (out / "accuracy.png").write_bytes(_png(plot_by_k(per_k, q["zero_shot"], q["full_pool"])))
-    (out / "grad_error.png").write_bytes(_png(plot_grad_error(list(summary.values()))))
+    (out / "accuracy.png").write_bytes(png_bytes(plot_by_k(per_k, q["zero_shot"], q["full_pool"])))
+    (out / "grad_error.png").write_bytes(png_bytes(plot_grad_error(list(summary.values()))))
     s = q["settings"]
 
     def cell(e: dict) -> str:

@@ -1,12 +1,9 @@
 """Shared fixtures: offline hub, one tiny model, tiny architectures, one Ray instance."""
 
-import os
+from gradmm_ray.env import set_defaults
 
 # Before transformers/datasets are imported anywhere: a hub miss would cost ~25 s each.
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["HF_DATASETS_OFFLINE"] = "1"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+set_defaults(offline=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -93,6 +90,27 @@ def tiny_archs(tiny_lm) -> dict[str, CausalLM]:
     )
     assert archs["phi"].has_head_bias and not archs["llama"].has_head_bias
     return archs
+
+
+# Files whose every test runs Ray (a CLI run of the pipeline, a Cluster, Ray Train) or is slow;
+# any other test that takes the ray_session fixture is marked `ray` too.
+RAY_FILES = {
+    "test_pipeline.py",
+    "test_faults.py",
+    "test_cloud_storage.py",
+    "test_stage_failures.py",
+    "test_finetune.py",
+}
+SLOW_FILES = {"test_benchmark.py", "test_smollm2.py", "test_cluster_configs.py"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        name = item.path.name
+        if name in RAY_FILES or "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+        if name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

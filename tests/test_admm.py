@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gradmm_ray.bench.references import head_only_copy
 from gradmm_ray.config import AdmmConfig
 from gradmm_ray.core import projection
 from gradmm_ray.core.admm import (
@@ -38,7 +39,7 @@ from gradmm_ray.core.headgrad import (
 from gradmm_ray.core.lm import CausalLM
 from gradmm_ray.core.projection import allowed_token_mask, cosine_candidates, project
 from gradmm_ray.core.text import encode_pair, format_prompt
-from gradmm_ray.io.real_data import sample_data_path
+from gradmm_ray.sample_data import sample_data_path
 
 TEMPLATE = "{text} It was"
 COMPLETION = " great"
@@ -81,17 +82,6 @@ def noisy_target(lm: CausalLM, seed: int = 0) -> Target:
 
 # ---------------------------------------------------------------------------------------------
 # MatchingObjective
-
-
-def head_only_copy(lm: CausalLM) -> torch.nn.Module:
-    """Model copy whose head has a PRIVATE leaf weight (and bias) requiring grad; with tied
-    embeddings this unties them, so only the head's use of the matrix is differentiated."""
-    model = copy.deepcopy(lm.model).requires_grad_(False)
-    head = model.get_output_embeddings()
-    head.weight = torch.nn.Parameter(head.weight.detach().clone())
-    if head.bias is not None:
-        head.bias = torch.nn.Parameter(head.bias.detach().clone())
-    return model
 
 
 def double_backward_loss(lm: CausalLM, layout: SequenceLayout, X: Tensor, target: Target):

@@ -15,7 +15,9 @@ import pytest
 
 from gradmm_ray.config import build_config
 from gradmm_ray.distill import pipeline
-from gradmm_ray.distill.cli import EXIT_USER_ERROR, main
+from gradmm_ray.distill.cli import main
+from gradmm_ray.entry import EXIT_USER_ERROR
+from gradmm_ray.env import OFFLINE
 from gradmm_ray.io.storage import RUN_FILE, OutputDir
 
 try:
@@ -410,8 +412,7 @@ def test_entry_point_subprocess(tmp_path):
     out = tmp_path / "out"
     env = {
         **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
+        **OFFLINE,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
     proc = subprocess.run(
@@ -470,8 +471,8 @@ def test_ray_that_cannot_start_writes_nothing(capsys, out, monkeypatch, address)
     start) and one line with its first line and what to check; an output holding another run
     is left exactly as it was, even with --overwrite (nothing is cleared or written before
     Ray is up)."""
-    from gradmm_ray.distill.cli import EXIT_STAGE_FAILED
     from gradmm_ray.distributed import ray_env
+    from gradmm_ray.entry import EXIT_FAILED
 
     monkeypatch.setattr(ray_env, "ray", RayThatCannotStart)  # our module's name, not Ray's
     if address:
@@ -482,7 +483,7 @@ def test_ray_that_cannot_start_writes_nothing(capsys, out, monkeypatch, address)
     data = write_jsonl(out.parent / "d.jsonl", good_rows())
     code = main(["--data", data, "--output", str(out), "--overwrite"])
     err = capsys.readouterr().err.splitlines()
-    assert code == EXIT_STAGE_FAILED == 1
+    assert code == EXIT_FAILED == 1
     assert len(err) == 1 and err[0].startswith(PREFIX), err
     assert "could not start or join Ray: RuntimeError: node timed out during startup;" in err[0]
     assert (f"RAY_ADDRESS={address}" if address else "ray start --head") in err[0]

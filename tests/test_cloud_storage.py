@@ -10,9 +10,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from gradmm_ray.core.lm import ensure_tiny_model, load_causal_lm
+from gradmm_ray.core.lm import load_causal_lm
 from gradmm_ray.distill import cli
 from gradmm_ray.io.real_data import DataConfig, load_real_examples
+from gradmm_ray.models.tiny import ensure_tiny_model
 
 BUCKET = "gradmm-test"
 FAST = [

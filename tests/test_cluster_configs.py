@@ -44,7 +44,7 @@ CRDS = {
     "RayCluster": SCHEMAS / "ray.io_rayclusters.yaml",
     "RayJob": SCHEMAS / "ray.io_rayjobs.yaml",
 }
-PAPER_CONFIG = ROOT / "jobs" / "configs" / "paper_sst2.yaml"
+PAPER_CONFIG = ROOT / "gradmm_ray" / "presets" / "paper_sst2.yaml"
 # Oldest and newest Kubernetes minor the manifests are checked against (KubeRay 1.6 runs on both).
 KUBERNETES_VERSIONS = ("1.30", "1.37")
 
@@ -428,10 +428,12 @@ def runtime_env_problems(env: dict[str, Any], *, remote_working_dir: bool = Fals
 
 
 def entrypoint_problems(entrypoint: str) -> Problems:
-    """``python jobs/<script>.py --config jobs/configs/<file> --output <s3|gs URI>``, with both
-    files present, the config valid for this project, and GPUs asked for explicitly."""
+    """``python jobs/<script>.py --config <preset> --output <s3|gs URI>``, with the script and the
+    preset (package data) present, the config valid for this project, and GPUs asked for
+    explicitly."""
     from gradmm_ray.config import build_config, load_yaml
     from gradmm_ray.errors import ConfigError
+    from gradmm_ray.presets import preset_names, resolve_config_path
 
     argv = shlex.split(entrypoint)
     if len(argv) < 2 or argv[0] != "python":
@@ -442,15 +444,15 @@ def entrypoint_problems(entrypoint: str) -> Problems:
         problems.append(f"entrypoint script {argv[1]!r} is not a file under jobs/")
     opts = dict(zip(argv[2::2], argv[3::2], strict=False))
     config = opts.get("--config", "")
-    if not (config.startswith("jobs/configs/") and (ROOT / config).is_file()):
-        return problems + [f"--config {config!r} is not a file under jobs/configs/"]
+    if config not in preset_names():
+        return problems + [f"--config {config!r} is not a preset ({', '.join(preset_names())})"]
     if not re.match(r"^(s3|gs)://[^/]+/.+", opts.get("--output", "")):
         problems.append(f"--output {opts.get('--output')!r} is not an s3:// or gs:// URI")
     try:
-        cfg = build_config(load_yaml(ROOT / config))
+        cfg = build_config(load_yaml(resolve_config_path(config)))
     except ConfigError as e:
         return problems + [f"{config}: {e}"]
-    for stage in ("targets", "solve"):
+    for stage in ("targets", "solve", "select"):
         if getattr(cfg, stage).num_gpus != 1:
             problems.append(f"{config}: {stage}.num_gpus must be 1 (GPU nodes start at zero)")
     return problems
@@ -513,7 +515,7 @@ def test_launcher_fits_paper_config(name: str) -> None:
     cfg, job = load(LAUNCHERS[name]), build_config(load_yaml(PAPER_CONFIG))
     gpu_types = launcher_gpu_types(cfg)
     capacity = min(cfg["max_workers"], sum(nt["max_workers"] for nt in gpu_types.values()))
-    for stage in (job.targets, job.solve):
+    for stage in (job.targets, job.solve, job.select):
         assert stage.max_actors <= capacity
         assert any(
             nt["resources"].get("GPU", 0) >= stage.num_gpus
@@ -792,7 +794,7 @@ BREAKAGES = {
         RAYJOB,
         _set(
             "spec/entrypoint",
-            "python jobs/distill.py --config jobs/configs/nope.yaml --output s3://b/r",
+            "python jobs/distill.py --config nope --output s3://b/r",
         ),
         _rayjob_entrypoint,
     ),
@@ -800,7 +802,7 @@ BREAKAGES = {
         RAYJOB,
         _set(
             "spec/entrypoint",
-            "python jobs/nope.py --config jobs/configs/paper_sst2.yaml --output s3://b/r",
+            "python jobs/nope.py --config paper_sst2 --output s3://b/r",
         ),
         _rayjob_entrypoint,
     ),
@@ -808,7 +810,7 @@ BREAKAGES = {
         RAYJOB,
         _set(
             "spec/entrypoint",
-            "python jobs/distill.py --config jobs/configs/paper_sst2.yaml --output outputs/run",
+            "python jobs/distill.py --config paper_sst2 --output outputs/run",
         ),
         _rayjob_entrypoint,
     ),
@@ -816,7 +818,7 @@ BREAKAGES = {
         RAYJOB,
         _set(
             "spec/entrypoint",
-            "python jobs/distill.py --config jobs/configs/demo.yaml --output s3://b/r",
+            "python jobs/distill.py --config demo --output s3://b/r",
         ),
         _rayjob_entrypoint,
     ),

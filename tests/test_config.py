@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import typing
 
 import pytest
 
-from gradmm_ray.config import STAGES, Config, DataConfig, build_config, load_yaml, parse_override
+from gradmm_ray.config import (
+    AFFECTS_RESULTS,
+    STAGES,
+    Config,
+    DataConfig,
+    PoolConfig,
+    build_config,
+    load_yaml,
+    parse_override,
+)
 from gradmm_ray.distill import cli
 from gradmm_ray.errors import ConfigError
 
@@ -453,6 +464,9 @@ def test_to_dict_round_trips_the_defaults():
         {"targets": {"micro_batch_size": 8, "rows_per_partial": 64}},
         {"solve": {"batch_size": 2, "max_actors": 8, "num_gpus": 0.5}},
         {"select": {"batch_size": 64}},
+        {"select": {"min_actors": 2, "max_actors": 3, "num_gpus": 1, "num_cpus": 2}},
+        {"execution": {"stall_timeout_s": 60, "max_actor_restarts": 0}},
+        {"audit": {"enabled": True}},
     ],
 )
 def test_fingerprint_ignores_output_stages_and_resources(layer):
@@ -469,11 +483,59 @@ def test_fingerprint_ignores_output_stages_and_resources(layer):
         {"admm": {"rho": [0.5]}},
         {"data": {"source": "other.jsonl"}},
         {"solve": {"candidates_per_class": 3}},
+        {"admm": {"lr": 0.01}},
+        {"select": {"per_class": 2}},
+        {"model": {"dtype": "float32"}},
     ],
 )
 def test_fingerprint_changes_with_result_settings(layer):
     """Settings that determine the results (privacy.epsilon, seed, ...) change the fingerprint."""
     assert build_config(layer).fingerprint_dict() != Config().fingerprint_dict()
+
+
+def test_every_config_field_says_whether_it_changes_results():
+    """Every field (sections too) declares affects_results in its metadata; the fingerprint
+    holds exactly the leaf fields marked True under sections marked True. Pinned here: resource
+    fields, output, stages, audit and execution never change results; a new field is a choice."""
+    unmarked: list[str] = []
+    kept: set[str] = set()
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            name = prefix + f.name
+            if AFFECTS_RESULTS not in f.metadata:
+                unmarked.append(name)
+            elif f.metadata[AFFECTS_RESULTS] and dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], name + ".")
+            elif f.metadata[AFFECTS_RESULTS]:
+                kept.add(name)
+
+    walk(Config, "")
+    assert unmarked == []
+    pool = {f.name for f in dataclasses.fields(PoolConfig)}
+    assert not {name.rsplit(".", 1)[-1] for name in kept} & pool
+    assert not any(name.startswith(("audit.", "execution.", "targets.")) for name in kept)
+    assert {"output", "stages", "solve.batch_size", "select.batch_size"}.isdisjoint(kept)
+    assert {"seed", "admm.lr", "privacy.epsilon", "solve.candidates_per_class"} <= kept
+    fingerprint = Config().fingerprint_dict()
+    leaves = {
+        f"{section}.{key}" if isinstance(value, dict) else section
+        for section, value in fingerprint.items()
+        for key in (value if isinstance(value, dict) else [None])
+    }
+    assert leaves == kept
+    assert fingerprint["targets"] == {}  # the section stays (as before), with no fields
+
+
+def test_pool_config_is_shared_by_the_three_stages():
+    """targets, solve and select are each a PoolConfig, with their own pool (flat YAML keys)."""
+    cfg = build_config({"select": {"max_actors": 5, "num_gpus": 1}, "solve": {"max_actors": 7}})
+    assert all(isinstance(getattr(cfg, stage), PoolConfig) for stage in STAGES)
+    assert (cfg.select.max_actors, cfg.select.num_gpus, cfg.solve.max_actors) == (5, 1.0, 7)
+    msg = config_error({"select": {"min_actors": 0, "num_cpus": 0}})
+    assert "select.min_actors: got 0, expected >= 1" in msg
+    assert "select.num_cpus: got 0.0, expected > 0" in msg
 
 
 def test_fingerprint_is_json_serialisable():

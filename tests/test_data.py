@@ -40,7 +40,8 @@ def as_rows(real) -> list[tuple[int, str, str]]:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from gradmm_ray.core.lm import load_tokenizer, resolve_model_source
+    from gradmm_ray.core.lm import load_tokenizer
+    from gradmm_ray.models.sources import resolve_model_source
 
     return load_tokenizer(resolve_model_source("tiny"))
 

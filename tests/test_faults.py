@@ -57,6 +57,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from gradmm_ray import env
+
 ROOT = Path(__file__).resolve().parents[1]
 DISTILL = ROOT / "jobs" / "distill.py"
 SUBPROCESS_TIMEOUT = 240  # seconds for one subprocess; a hang fails the test, not the suite
@@ -96,6 +98,8 @@ DRIVER_ARGS = [
     "--set", "solve.min_actors=1",
     "--set", "solve.max_actors=1",
     "--set", "solve.num_gpus=0",
+    "--set", "select.max_actors=1",
+    "--set", "select.num_gpus=0",
     "--set", "select.per_class=2",
     "--set", "select.label_check=false",
 ]  # fmt: skip
@@ -116,10 +120,8 @@ class Sandbox:
         self.tmp = tempfile.mkdtemp(prefix="rayf-", dir="/tmp")
         self.env = {
             **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "TOKENIZERS_PARALLELISM": "false",
+            **env.DEFAULTS,
+            **env.OFFLINE,
             "RAY_TMPDIR": self.tmp,
             "PYTHONUNBUFFERED": "1",
         }
@@ -343,7 +345,7 @@ def child_node_loss(out: str, result_path: str) -> None:
     killer.start()
     try:
         # It raises unless every class saw each real row exactly once (rows_seen per partial).
-        sums = clean_class_sums(real, cfg, num_gpus=0)
+        sums = clean_class_sums(real, cfg)
         stage1: dict = {"counts": dict(real.counts)}
     except Exception as e:
         sums, stage1 = None, {"error": f"{type(e).__name__}: {e}"}
@@ -394,7 +396,7 @@ def child_node_loss(out: str, result_path: str) -> None:
     killer = NodeKiller(cluster, lambda: parts() >= 1, "AdmmSolver", lambda: {"parts": parts()})
     killer.start()
     try:
-        stats = run_solve(targets, cfg, OutputDir(out), num_gpus=0)
+        stats = run_solve(targets, cfg, OutputDir(out))
         stage2: dict = {"total": stats.total, "skipped": stats.skipped, "solved": stats.solved}
     except Exception as e:
         stage2 = {"error": f"{type(e).__name__}: {e}"}

@@ -16,37 +16,36 @@ import pytest
 import torch
 
 from gradmm_ray.config import DataConfig
+from gradmm_ray.core.gradient_error import capped, gradient_errors, head_gradient_sums
 from gradmm_ray.core.text import encode_pair
-from gradmm_ray.distributed.train import finalise_deepspeed_config
-from gradmm_ray.errors import ConfigError
-from gradmm_ray.finetune.job import (
-    BASELINES,
+from gradmm_ray.core.training import (
     EvalSets,
     Example,
-    FinetuneConfig,
-    FinetuneError,
     PlainBackend,
-    ProtocolConfig,
     RunSpec,
     batch_schedule,
-    build_finetune_config,
-    capped,
-    choose_on_dev,
-    class_budget,
     classification_loss,
     evaluate,
-    gradient_errors,
-    head_gradient_sums,
     option_scores,
-    plan_runs,
-    prepare_job,
     run_one,
     sft_loss,
-    split_rows,
-    summarise,
-    training_examples,
 )
+from gradmm_ray.distributed.train import finalise_deepspeed_config
+from gradmm_ray.errors import ConfigError
+from gradmm_ray.finetune import cli
+from gradmm_ray.finetune.config import (
+    BASELINES,
+    FinetuneConfig,
+    FinetuneError,
+    ProtocolConfig,
+    build_finetune_config,
+)
+from gradmm_ray.finetune.examples import training_examples
+from gradmm_ray.finetune.job import plan_runs, prepare_job
+from gradmm_ray.finetune.report import choose_on_dev, summarise
+from gradmm_ray.finetune.splits import class_budget, split_rows
 from gradmm_ray.io.real_data import load_real_examples
+from gradmm_ray.presets import deepspeed_config_path
 
 ROOT = Path(__file__).parent.parent
 JOB = ROOT / "jobs" / "finetune.py"
@@ -326,14 +325,14 @@ def test_plain_training_loop_moves_the_dev_loss(tiny_lm):
 
 
 def test_deepspeed_config_follows_the_protocol():
-    base = json.loads((ROOT / "jobs" / "configs" / "deepspeed_zero2.json").read_text())
+    base = json.loads(deepspeed_config_path("zero2").read_text())
     ds = finalise_deepspeed_config(
         base, ProtocolConfig(batch_size=16), world_size=4, precision="no"
     )
     assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 1 and ds["zero_optimization"]["stage"] == 2
     assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
-    zero3 = json.loads((ROOT / "jobs" / "configs" / "deepspeed_zero3.json").read_text())
+    zero3 = json.loads(deepspeed_config_path("zero3").read_text())
     assert zero3["zero_optimization"]["stage"] == 3
 
 
@@ -342,12 +341,7 @@ def test_deepspeed_config_follows_the_protocol():
 
 
 def _main(argv: list[str]) -> int:
-    sys.path.insert(0, str(JOB.parent))
-    try:
-        import finetune as job  # jobs/finetune.py
-    finally:
-        sys.path.pop(0)
-    return job.main(argv)
+    return cli.main(argv)
 
 
 @pytest.mark.parametrize(
@@ -386,11 +380,7 @@ def test_the_entry_point_exits_2_as_a_process(tmp_path):
 
 
 def test_help_explains_protocol_splits_and_cluster(capsys):
-    sys.path.insert(0, str(JOB.parent))
-    try:
-        import finetune as job  # jobs/finetune.py
-    finally:
-        sys.path.pop(0)
+    job = cli
     with pytest.raises(SystemExit) as exit_info:
         job.parse_args(["--help"])
     assert exit_info.value.code == 0
@@ -472,11 +462,7 @@ def test_two_steps_with_deepspeed_on_two_ray_train_workers(
     (run,) = json.loads((out / "history.json").read_text())["runs"]
     assert [r["step"] for r in run["records"]] == [0, 1, 2]
 
-    sys.path.insert(0, str(JOB.parent))
-    try:
-        import finetune as job  # jobs/finetune.py
-    finally:
-        sys.path.pop(0)
+    job = cli
     cfg = job.config_from_args(job.parse_args([*argv, "--output", str(tmp_path / "plain")]))
     prep = prepare_job(cfg, overwrite=False)
     model = copy.deepcopy(tiny_lm.model).requires_grad_(True).train()

@@ -2,7 +2,8 @@
 
 Brute force = run the FULL model on prompt + completion ids (the encode_pair rule), mean
 cross-entropy over the completion tokens, and differentiate with respect to the head's weight
-(and bias) only. Architectures: Llama-style (no head bias), GPT-2 (tied embeddings), Phi (head
+(and bias) only (``gradmm_ray.bench.references``: the benchmark's per-example loop uses the same
+function). Architectures: Llama-style (no head bias), GPT-2 (tied embeddings), Phi (head
 bias) and Gemma2 (tied, with final logit soft-capping, i.e. a non-trivial logits tail).
 
 Tolerances: gradients agree elementwise to rtol 1e-5 with atol 1e-6 x max|expected| (fp32 on both
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gradmm_ray.bench.references import brute_force_grads, head_only_copy
 from gradmm_ray.core.headgrad import (
     clip_factors,
     clipped_head_grad_sum,
@@ -55,32 +57,6 @@ def assert_grad_close(actual: Tensor, expected: Tensor, rtol: float = 1e-5) -> N
     scale = float(expected.abs().max())
     assert scale > 0, "degenerate reference gradient"
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=1e-6 * scale)
-
-
-def head_only_copy(lm: CausalLM) -> torch.nn.Module:
-    """A copy of the model whose head owns a PRIVATE leaf weight (and bias) requiring grad and
-    nothing else does. With tied embeddings (GPT-2, Gemma2) the head's weight is replaced by a
-    separate copy, so the brute-force gradient is that of the head's use of the matrix only,
-    never of the input-embedding lookup (DESIGN.md: "last layer" = the head's use)."""
-    model = copy.deepcopy(lm.model).requires_grad_(False)
-    head = model.get_output_embeddings()
-    head.weight = torch.nn.Parameter(head.weight.detach().clone())
-    assert head.weight is not model.get_input_embeddings().weight
-    if head.bias is not None:
-        head.bias = torch.nn.Parameter(head.bias.detach().clone())
-    return model
-
-
-def brute_force_grads(model: torch.nn.Module, pair: tuple[list[int], int]):
-    """(g_W, g_b or None) of one example alone: full forward, mean CE over completion tokens."""
-    ids, n_prompt = pair
-    x = torch.tensor([ids])
-    logits = model(input_ids=x).logits[0, n_prompt - 1 : len(ids) - 1].float()
-    loss = F.cross_entropy(logits, x[0, n_prompt:])
-    head = model.get_output_embeddings()
-    params = [head.weight] + ([head.bias] if head.bias is not None else [])
-    grads = torch.autograd.grad(loss, params)
-    return grads[0], (grads[1] if len(grads) > 1 else None)
 
 
 @dataclass

@@ -1,24 +1,23 @@
 """The shipped job configs validate, and the entry point explains itself."""
 
-from pathlib import Path
-
 import pytest
 
 from gradmm_ray.config import Config, build_config, load_yaml
 from gradmm_ray.distill.cli import parse_args
+from gradmm_ray.presets import preset_names, resolve_config_path
 
-CONFIGS = sorted((Path(__file__).parent.parent / "jobs" / "configs").glob("*.yaml"))
+CONFIGS = preset_names()
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_validate(path):
-    """Every YAML under jobs/configs builds into a valid Config."""
-    assert isinstance(build_config(load_yaml(path)), Config)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shipped_configs_validate(name):
+    """Every YAML preset (gradmm_ray/presets/) builds into a valid Config."""
+    assert isinstance(build_config(load_yaml(resolve_config_path(name))), Config)
 
 
 def test_demo_config_is_the_defaults():
-    """jobs/configs/demo.yaml spells out the defaults: it must not drift from them."""
-    assert build_config(load_yaml(Path(CONFIGS[0]).parent / "demo.yaml")) == Config()
+    """The demo preset spells out the defaults: it must not drift from them."""
+    assert build_config(load_yaml(resolve_config_path("demo"))) == Config()
 
 
 def test_help_explains_the_stages_and_examples(capsys):

@@ -21,14 +21,13 @@ import pytest
 import torch
 
 from gradmm_ray.config import build_config
-from gradmm_ray.core.lm import resolve_model_source
 from gradmm_ray.distill import pipeline, report
 from gradmm_ray.distill.audit import AUDIT_FILE
 from gradmm_ray.distill.output import SYNTHETIC_FILE
 from gradmm_ray.distributed.solve import SOLVES_DIR, finished_keys, read_solves
 from gradmm_ray.distributed.targets import TARGETS_FILE, TARGETS_RECORD, read_targets, write_targets
 from gradmm_ray.errors import OutputError
-from gradmm_ray.io.inputs import data_identity, describe_change, file_identity
+from gradmm_ray.io.inputs import data_identity, file_identity
 from gradmm_ray.io.storage import (
     LOCK_FILE,
     RUN_FILE,
@@ -36,11 +35,13 @@ from gradmm_ray.io.storage import (
     OutputDir,
     OutputWarning,
     check_output_dir,
+    describe_change,
     is_own,
     lock_state,
     output_lock,
     remove_run_files,
 )
+from gradmm_ray.models.sources import resolve_model_source
 from tests.test_cli_errors import fails, good_rows, snapshot, write_jsonl
 
 PART = "solves/part-" + "a" * 32 + ".parquet"

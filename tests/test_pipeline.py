@@ -72,8 +72,8 @@ def test_stage1_sum_does_not_depend_on_sharding(ray_session, tiny_lm):
             micro_batch_size=16, rows_per_partial=16, min_actors=2, max_actors=2, num_gpus=0
         ),
     )
-    sums_one = clean_class_sums(real, one, num_gpus=0)
-    sums_two = clean_class_sums(real, two, num_gpus=0)
+    sums_one = clean_class_sums(real, one)
+    sums_two = clean_class_sums(real, two)
     direct = _direct_clean_sums(tiny_lm, real, cfg)
     for label in ("positive", "negative"):
         w1, w2 = sums_one[label]["weight"], sums_two[label]["weight"]

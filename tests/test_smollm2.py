@@ -11,20 +11,17 @@ from __future__ import annotations
 import pytest
 import torch
 from test_admm import clean_mean_grad, layout_for
-from test_headgrad import assert_grad_close, brute_force_grads, head_only_copy, make_case
+from test_headgrad import assert_grad_close, make_case
 
+from gradmm_ray.bench.references import brute_force_grads, head_only_copy
 from gradmm_ray.config import AdmmConfig
 from gradmm_ray.core.admm import MatchingObjective, Target, solve_batch
 from gradmm_ray.core.headgrad import per_example_head_grads
-from gradmm_ray.core.lm import (
-    SMOLLM2,
-    CausalLM,
-    ensure_smollm2,
-    load_causal_lm,
-    resolve_model_source,
-)
+from gradmm_ray.core.lm import CausalLM, load_causal_lm
 from gradmm_ray.core.projection import allowed_token_mask
 from gradmm_ray.errors import ModelError
+from gradmm_ray.models.smollm2 import SMOLLM2, ensure_smollm2
+from gradmm_ray.models.sources import resolve_model_source
 
 # Single-token verbalizers under SmolLM2's tokenizer (make_case checks the counts).
 ROWS = [

@@ -4,15 +4,18 @@ import os
 import shutil
 import warnings
 
+import pyarrow as pa
 import pytest
 
-from gradmm_ray.config import ExecutionConfig
-from gradmm_ray.core.lm import ensure_tiny_model
+from gradmm_ray.config import ExecutionConfig, PoolConfig
 from gradmm_ray.distill import cli
 from gradmm_ray.distributed.ray_env import StageFailed, map_on_actor_pool, stage_errors
+from gradmm_ray.entry import EXIT_FAILED
+from gradmm_ray.models.tiny import ensure_tiny_model
 
 # A few rows suffice; a per-class cap is allowed only without noise (not under test here).
 SMALL = ["--set", "data.per_class=4", "--set", "privacy.epsilon=.inf"]
+ONE_CPU_ACTOR = PoolConfig(min_actors=1, max_actors=1, num_gpus=0, num_cpus=1)
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +36,7 @@ def test_actor_that_keeps_dying_ends_the_job(ray_session, tmp_path, capsys):
     (model / "model.safetensors").write_bytes(b"not a safetensors file")
     out = tmp_path / "out"
     argv = ["--model", str(model), "--output", str(out), *SMALL]
-    assert cli.main(argv) == cli.EXIT_STAGE_FAILED
+    assert cli.main(argv) == EXIT_FAILED
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("distill.py")]
     assert len(err) == 1
     assert "stage targets failed on the cluster" in err[0] and "SafetensorError" in err[0]
@@ -47,7 +50,7 @@ def test_stage_that_cannot_start_times_out(ray_session, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--output", str(out), *SMALL, "--set", "targets.num_gpus=1"]
     argv += ["--set", "execution.stall_timeout_s=5"]
-    assert cli.main(argv) == cli.EXIT_STAGE_FAILED
+    assert cli.main(argv) == EXIT_FAILED
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("distill.py")]
     assert len(err) == 1 and "stage targets failed on the cluster" in err[0]
 
@@ -56,21 +59,17 @@ def test_error_in_user_code_names_the_root_cause_and_says_rerunning_will_not_hel
     """A UDF that raises reaches the driver as RayTaskError(UserCodeException) holding the
     real exception only as traceback text: the line names that exception, its first line and
     where it was raised, and says re-running fails the same way."""
-    import ray.data
 
     class RaisesOnEveryBatch:  # local: pickled by value, workers cannot import test modules
         def __call__(self, batch):
             raise RuntimeError("shapes (4, 3) and (2,) differ\nsecond line of detail")
 
     ds = map_on_actor_pool(
-        ray.data.range(2, override_num_blocks=1),
+        pa.table({"id": [0, 1]}),
         RaisesOnEveryBatch,
         constructor_kwargs={},
+        pool=ONE_CPU_ACTOR,
         batch_size=2,
-        min_actors=1,
-        max_actors=1,
-        num_gpus=0,
-        num_cpus=1,
         execution=ExecutionConfig(max_actor_restarts=0, stall_timeout_s=120),
     )
     with pytest.raises(StageFailed) as failed, stage_errors("solve"):
@@ -148,7 +147,6 @@ def test_actor_dying_mid_batch_ends_the_stage_after_its_restarts(ray_session, tm
     """map_on_actor_pool: an actor that dies on every batch is restarted max_actor_restarts
     times, then the stage fails as StageFailed (one line naming the stage), instead of
     restarting forever; building the stage emits no deprecation warning."""
-    import ray.data
 
     class DiesOnEveryBatch:  # local: pickled by value, workers cannot import test modules
         """Dies like a segfault or a host OOM kill: the process exits, no Python exception."""
@@ -166,14 +164,11 @@ def test_actor_dying_mid_batch_ends_the_stage_after_its_restarts(ray_session, tm
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
         ds = map_on_actor_pool(
-            ray.data.range(4, override_num_blocks=4),
+            pa.table({"id": [0, 1, 2, 3]}),
             DiesOnEveryBatch,
             constructor_kwargs={"marker": str(marker)},
+            pool=ONE_CPU_ACTOR,
             batch_size=1,
-            min_actors=1,
-            max_actors=1,
-            num_gpus=0,
-            num_cpus=1,
             execution=execution,
         )
     with pytest.raises(StageFailed) as failed, stage_errors("solve"):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_headgrad import brute_force_grads, head_only_copy
 
+from gradmm_ray.bench.references import brute_force_grads, head_only_copy
 from gradmm_ray.config import Config, DataConfig, ModelConfig, PrivacyConfig, TargetsConfig
 from gradmm_ray.core.text import encode_pair, format_prompt
 from gradmm_ray.distributed.targets import ClippedHeadGradSums

@@ -7,6 +7,9 @@ Ray). It runs and is benchmarked in one process, on CPU or one GPU.
   privacy     the DP boundary: calibration, Poisson sampling, the noisy release, its record
   admm        independent per-example ADMM solves against a released target
   projection  the KV-cached projection of free embeddings onto tokens
+  scoring     completion log-likelihoods and mean-pooled states (no gradient)
   selection   pure rules that filter, dedupe, rank and balance scored candidates
   coreset     herding and k-center baselines
+  training    the downstream losses and the training loop (one process; Ray Train wraps it)
+  gradient_error  the normalised head-gradient error of a training set (paper Fig. 2a)
 """

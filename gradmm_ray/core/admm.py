@@ -27,6 +27,7 @@ from gradmm_ray.config import AdmmConfig
 from gradmm_ray.core.headgrad import head_logits, logits_grad, match_loss
 from gradmm_ray.core.lm import CausalLM
 from gradmm_ray.core.projection import project
+from gradmm_ray.core.text import encode_continuation, encode_prompt
 
 
 def example_seed(seed: int, synthetic_id: int) -> int:
@@ -48,14 +49,17 @@ class SequenceLayout:
     def build(
         cls, tokenizer, template: str, completion: str, generation_prefix: str
     ) -> SequenceLayout:
+        # The rule of core.text: what starts the sequence gets the tokenizer's special tokens,
+        # what continues it none. One difference, on purpose: the training pair (encode_pair)
+        # tokenises the filled prompt as one string, while here the free embeddings X stand where
+        # {text} is, so the template's two sides are tokenised apart (no merge can cross X) and
+        # may split differently at the boundary than the final text's pair does.
         before, after = template.split("{text}", 1)
         return cls(
-            prefix_ids=list(tokenizer(before, add_special_tokens=True)["input_ids"]),
-            suffix_ids=list(tokenizer(after, add_special_tokens=False)["input_ids"])
-            if after
-            else [],
-            completion_ids=list(tokenizer(completion, add_special_tokens=False)["input_ids"]),
-            generation_ids=list(tokenizer(generation_prefix, add_special_tokens=True)["input_ids"]),
+            prefix_ids=encode_prompt(tokenizer, before),
+            suffix_ids=encode_continuation(tokenizer, after) if after else [],
+            completion_ids=encode_continuation(tokenizer, completion),
+            generation_ids=encode_prompt(tokenizer, generation_prefix),
         )
 
 
@@ -183,10 +187,15 @@ def solve_batch(
     *,
     seed: int,
     allowed: Tensor,
+    objective: MatchingObjective | None = None,
+    cached_projection: bool = True,
 ) -> list[SolveResult]:
-    """Solve ADMM for examples of ONE label side by side. items: (synthetic_id, rho)."""
+    """Solve ADMM for examples of ONE label side by side. items: (synthetic_id, rho).
+
+    ``objective`` and ``cached_projection`` exist for the benchmark's reference (another loss
+    of the same value, the projection re-running each prefix): same algorithm, same trajectory."""
     start = time.perf_counter()
-    objective = MatchingObjective(lm, layout, target)
+    objective = objective or MatchingObjective(lm, layout, target)
     N = len(items)
     dev = lm.device
     rho = torch.tensor([r for _, r in items], device=dev).view(-1, 1, 1)  # (N, 1, 1)
@@ -211,7 +220,13 @@ def solve_batch(
     for _ in range(cfg.outer_iters):
         with torch.no_grad():
             tokens = project(
-                lm, X.detach() + Lam / rho, prefixes, allowed, rule=cfg.projection, k=cfg.topk
+                lm,
+                X.detach() + Lam / rho,
+                prefixes,
+                allowed,
+                rule=cfg.projection,
+                k=cfg.topk,
+                use_cache=cached_projection,
             )
             Z = emb(tokens).float()  # (N, n, d)
         projections.append(tokens)
@@ -220,7 +235,8 @@ def solve_batch(
             opt.zero_grad(set_to_none=True)
             f = objective(X)
             penalty = 0.5 * rho.view(-1) * (X - Z + Lam / rho).square().sum((1, 2))
-            (f + penalty).sum().backward()
+            # The gradient w.r.t. X only (a reference objective may hold other leaves).
+            (X.grad,) = torch.autograd.grad((f + penalty).sum(), X)
             clip_per_example_(X.grad, cfg.grad_clip)
             opt.step()
         with torch.no_grad():
@@ -233,7 +249,15 @@ def solve_batch(
             curves["res"].append((X.detach() - Z).flatten(1).norm(dim=1).tolist())
 
     with torch.no_grad():
-        final = project(lm, best_x, prefixes, allowed, rule=cfg.projection, k=cfg.topk)
+        final = project(
+            lm,
+            best_x,
+            prefixes,
+            allowed,
+            rule=cfg.projection,
+            k=cfg.topk,
+            use_cache=cached_projection,
+        )
     projections.append(final)
     curves["fz"].append(objective.of_tokens(final).tolist())
 

@@ -14,7 +14,7 @@ padded positions hold zero rows in A and B, so they contribute nothing to any su
   * ⟨g_W, G⟩ = Σ B ⊙ (A Gᵀ) for a fixed target G: an ordinary differentiable function of A and
     B, so the gradient of a cosine to G w.r.t. the inputs needs ONE backward (no create_graph).
 
-(GRADMM, Sec. 4.1 matches this last-layer gradient; DESIGN.md "The math".)
+(GRADMM, Sec. 4.1 matches this last-layer gradient.)
 """
 
 from __future__ import annotations

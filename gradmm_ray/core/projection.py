@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gradmm_ray.config import PROJECTION_RULES as RULES  # defined once, with the config
 from gradmm_ray.core.lm import CausalLM
 
-RULES = ("paper", "reference")
 MAX_WORD_CHARS = 17
 _COSINE_CHUNK = 1 << 26  # elements of one (rows, V) cosine block: 256 MiB in fp32
 

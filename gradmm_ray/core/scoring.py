@@ -10,7 +10,7 @@ import torch
 
 from gradmm_ray.core.headgrad import head_logits
 from gradmm_ray.core.lm import CausalLM
-from gradmm_ray.core.text import format_prompt
+from gradmm_ray.core.text import encode_prompt, format_prompt
 
 
 @torch.inference_mode()
@@ -42,10 +42,7 @@ def mean_pooled_states(lm: CausalLM, texts: Sequence[str], batch_size: int = 32)
     ``lm.hidden_states`` expects, whatever the tokenizer's own padding side."""
     out = []
     for start in range(0, len(texts), batch_size):
-        ids = [
-            list(lm.tokenizer(t, add_special_tokens=True)["input_ids"])
-            for t in texts[start : start + batch_size]
-        ]
+        ids = [encode_prompt(lm.tokenizer, t) for t in texts[start : start + batch_size]]
         length = max(len(x) for x in ids)
         input_ids = torch.full((len(ids), length), lm.tokenizer.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(ids), length), dtype=torch.long)

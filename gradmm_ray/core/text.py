@@ -16,6 +16,16 @@ def format_prompt(template: str, text: str) -> str:
     return template.format(text=text)
 
 
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Ids of text that starts a sequence: with the special tokens the tokenizer adds."""
+    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+def encode_continuation(tokenizer, text: str) -> list[int]:
+    """Ids of text that continues a sequence (a completion, a template's tail): none added."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def encode_pair(
     tokenizer,
     prompt: str,
@@ -28,10 +38,10 @@ def encode_pair(
 
     The prompt is ``template.format(text=prompt)``. With ``max_tokens``, a longer pair is cut at
     the end of ``prompt`` (the text), so the template's other parts and the completion stay."""
-    completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    completion_ids = encode_continuation(tokenizer, completion)
 
     def encode(text: str) -> list[int]:
-        return list(tokenizer(format_prompt(template, text), add_special_tokens=True)["input_ids"])
+        return encode_prompt(tokenizer, format_prompt(template, text))
 
     prompt_ids = encode(prompt)
     if max_tokens is None or len(prompt_ids) + len(completion_ids) <= max_tokens:
@@ -57,10 +67,7 @@ def encode_pair(
 
 def check_verbalizers(tokenizer, verbalizers: dict[str, str]) -> dict[str, list[int]]:
     """Completion ids per label; each must be non-empty and distinct from the others."""
-    ids = {
-        lab: list(tokenizer(c, add_special_tokens=False)["input_ids"])
-        for lab, c in verbalizers.items()
-    }
+    ids = {lab: encode_continuation(tokenizer, c) for lab, c in verbalizers.items()}
     for lab, toks in ids.items():
         if not toks:
             raise DataError(f"data.verbalizers.{lab}: {verbalizers[lab]!r} tokenises to no tokens")

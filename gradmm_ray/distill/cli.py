@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from collections.abc import Sequence
 
 from gradmm_ray.config import STAGES, build_config, load_yaml, parse_override
-from gradmm_ray.errors import ConfigError
+from gradmm_ray.entry import (
+    EXIT_FAILED,
+    EXIT_USER_ERROR,
+    add_set_argument,
+    fail,
+    make_parser,
+)
+from gradmm_ray.env import set_defaults
+from gradmm_ray.errors import UserError
 
 DESCRIPTION = """\
 Distil private labelled text into a small set of synthetic examples (GRADMM).
@@ -27,27 +33,22 @@ examples:
   python jobs/distill.py                                          # the demo
   python jobs/distill.py --model microsoft/phi-1_5 --data stanfordnlp/sst2 \\
       --set data.label_names=[negative,positive] --set privacy.epsilon=1 --output s3://bucket/run1
-  python jobs/distill.py --config jobs/configs/paper_sst2.yaml --stages targets
+  python jobs/distill.py --config paper_sst2 --stages targets      # a shipped preset
   python jobs/distill.py --set admm.rho=[0.1,1,5] --set solve.candidates_per_class=100
 
 Re-running the same command on the same --output resumes: finished stages and solved examples
 are kept. Bad input stops the job with one line naming the problem, before any cluster work.
 """
 
-EXIT_USER_ERROR = 2
-EXIT_STAGE_FAILED = 1
+PROG = "distill.py"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="distill.py",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = make_parser(PROG, DESCRIPTION, EPILOG)
     p.add_argument(
         "--config",
-        help="YAML file with any of the sections data, model, privacy, targets, admm, solve, select",
+        help="YAML file with any of the sections data, model, privacy, targets, admm, solve, "
+        "select; or a preset's name (demo, paper_sst2: gradmm_ray/presets/)",
     )
     p.add_argument(
         "--data",
@@ -62,14 +63,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, help="seed for sampling, noise and every synthetic example")
     p.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)} (default: all)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override any config field; VALUE is YAML (.inf, 1e-4, true, [0.1, 1]); repeatable",
-    )
+    add_set_argument(p)
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -82,7 +76,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def config_from_args(args: argparse.Namespace):
     layers = []
     if args.config:
-        layers.append(load_yaml(args.config))
+        from gradmm_ray.presets import resolve_config_path
+
+        layers.append(load_yaml(resolve_config_path(args.config)))
     flags: dict = {}
     if args.data is not None:
         flags.setdefault("data", {})["source"] = args.data
@@ -99,14 +95,8 @@ def config_from_args(args: argparse.Namespace):
     return build_config(*layers)
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    from gradmm_ray.errors import DataError, ModelError, OutputError
-
-    return ConfigError, DataError, ModelError, OutputError
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    set_defaults()
     args = parse_args(argv)
     from gradmm_ray.distill import pipeline
     from gradmm_ray.distill.report import format_summary
@@ -114,9 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         prep = pipeline.prepare(cfg, overwrite=args.overwrite)
-    except user_errors() as e:
-        print(f"distill.py: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    except UserError as e:
+        return fail(PROG, e, EXIT_USER_ERROR)
     from gradmm_ray.distributed.ray_env import RayStartFailed, StageFailed
 
     # Exit 1, not 2 (bad input): the input passed every check, but Ray could not start or a
@@ -124,10 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = pipeline.run(prep)
     except (RayStartFailed, StageFailed) as e:
-        print(f"distill.py: error: {e}", file=sys.stderr)
-        return EXIT_STAGE_FAILED
-    except user_errors() as e:  # e.g. another run took the output's lock after prepare
-        print(f"distill.py: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return fail(PROG, e, EXIT_FAILED)
+    except UserError as e:  # e.g. another run took the output's lock after prepare
+        return fail(PROG, e, EXIT_USER_ERROR)
     print(format_summary(summary))
     return 0

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from gradmm_ray.config import Config
-from gradmm_ray.core.lm import load_model, load_tokenizer, resolve_model_source
+from gradmm_ray.core.lm import load_model, load_tokenizer
 from gradmm_ray.core.text import check_verbalizers
 from gradmm_ray.distill.audit import AUDIT_FILE, audit_table
 from gradmm_ray.distributed.targets import TARGETS_FILE, read_release_record
@@ -27,6 +27,7 @@ from gradmm_ray.io.storage import (
     output_lock,
     remove_run_files,
 )
+from gradmm_ray.models.sources import resolve_model_source
 
 
 @dataclass
@@ -108,7 +109,7 @@ def _run_stages(prep: Prepared, summary: RunSummary) -> None:
     from gradmm_ray.core.selection import select_rows
     from gradmm_ray.distill import report
     from gradmm_ray.distill.output import SYNTHETIC_FILE, synthetic_table
-    from gradmm_ray.distributed.ray_env import actor_gpus, stage_errors
+    from gradmm_ray.distributed.ray_env import stage_errors
     from gradmm_ray.distributed.select import score_candidates
     from gradmm_ray.distributed.solve import read_solves, run_solve
     from gradmm_ray.distributed.targets import read_targets, run_targets
@@ -117,10 +118,9 @@ def _run_stages(prep: Prepared, summary: RunSummary) -> None:
     started = time.perf_counter()
 
     if prep.run_targets:
-        gpus = actor_gpus(cfg.targets.num_gpus)
         model_revision = _model_revision(cfg)
         with stage_errors("targets"):
-            result = run_targets(prep.real, cfg, out, num_gpus=gpus, model_revision=model_revision)
+            result = run_targets(prep.real, cfg, out, model_revision=model_revision)
         summary.timings["targets"] = result.seconds
         summary.files.append(TARGETS_FILE)
     targets, record = read_targets(out)
@@ -128,7 +128,7 @@ def _run_stages(prep: Prepared, summary: RunSummary) -> None:
 
     if "solve" in cfg.stages:
         with stage_errors("solve"):
-            stats = run_solve(targets, cfg, out, num_gpus=actor_gpus(cfg.solve.num_gpus))
+            stats = run_solve(targets, cfg, out)
         summary.timings["solve"] = stats.seconds
         summary.counts["solve"] = {
             "work_items": stats.total,
@@ -144,7 +144,7 @@ def _run_stages(prep: Prepared, summary: RunSummary) -> None:
         if solves is None:
             raise OutputError(f"output {out.uri!r} has no solves: run the solve stage first")
         with stage_errors("select"):
-            scored = score_candidates(solves, targets, cfg, num_gpus=actor_gpus(cfg.solve.num_gpus))
+            scored = score_candidates(solves, targets, cfg)
         selection = select_rows(scored.to_pylist(), cfg.select, sorted(cfg.data.verbalizers))
         out.write_parquet(SYNTHETIC_FILE, synthetic_table(selection.rows, cfg))
         summary.timings["select"] = time.perf_counter() - t0

@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import io
-import platform
 import sys
-from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 import pyarrow as pa
 
 from gradmm_ray.config import Config
+from gradmm_ray.provenance import package_versions, png_bytes
 
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.md"
-PACKAGES = (
-    "gradmm-ray",
-    "torch",
-    "ray",
-    "transformers",
-    "tokenizers",
-    "datasets",
-    "pyarrow",
-    "dp-accounting",
-    "safetensors",
-)
-
 NOISE_WARNING_RATIO = 1.0  # estimated noise norm / clean sum norm above which the summary warns
 
 
@@ -53,16 +39,6 @@ def privacy_paragraph(p: dict) -> str:
     )
 
 
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
 def write_manifest(out, cfg: Config, summary, record: dict) -> None:
     previous = out.read_json(MANIFEST_FILE) if out.exists(MANIFEST_FILE) else {}
     timings = {
@@ -87,15 +63,6 @@ def write_manifest(out, cfg: Config, summary, record: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Plots
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def plot_loss_distribution(scored: pa.Table, selected_ids: set[tuple[int, float]]):
@@ -208,7 +175,7 @@ def write_report(
     if audit is not None:
         plots["plots/audit_distances.png"] = plot_audit_distances(audit)
     for rel, fig in plots.items():
-        out.write_bytes(rel, _png(fig))
+        out.write_bytes(rel, png_bytes(fig))
 
     p = record["privacy"]
     lines = [

@@ -9,10 +9,11 @@ import re
 import warnings
 from collections.abc import Iterator
 
+import pyarrow as pa
 import ray
 import ray.data
 
-from gradmm_ray.config import ExecutionConfig
+from gradmm_ray.config import ExecutionConfig, PoolConfig
 
 
 def init_ray() -> tuple[str, bool]:
@@ -79,19 +80,28 @@ def configure_ray_data(cfg: ExecutionConfig) -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
+def blocks_of(table: pa.Table, rows_per_block: int, min_blocks: int) -> list[pa.Table]:
+    """Slices of at most ``rows_per_block`` rows, at least ``min_blocks`` of them when possible."""
+    size = max(1, min(rows_per_block, -(-table.num_rows // min_blocks)))
+    return [table.slice(i, size) for i in range(0, table.num_rows, size)]
+
+
 def map_on_actor_pool(
-    ds: ray.data.Dataset,
+    table: pa.Table,
     udf: type,
     *,
     constructor_kwargs: dict,
+    pool: PoolConfig,
     batch_size: int,
-    min_actors: int,
-    max_actors: int,
-    num_gpus: float,
-    num_cpus: float,
     execution: ExecutionConfig,
+    blocks_per_actor: int = 1,
 ) -> ray.data.Dataset:
-    """``ds.map_batches(udf)`` on an autoscaling pool of ``udf`` actors, numpy batches.
+    """``udf`` mapped over ``table`` on an autoscaling pool of ``udf`` actors sized by ``pool``
+    (the stage's config section), ``batch_size`` rows per call, numpy batches.
+
+    The blocks are cut here, on the driver (at least ``blocks_per_actor`` per actor when the
+    table allows), so that every actor gets work at any size: a repartition would need a CPU
+    task that a pool of actors holding every CPU could starve.
 
     Restarts are finite, so an actor that keeps dying mid-batch ends the stage (Ray Data's own
     budget covers deaths in ``__init__``); task retries are not, because Ray counts retries to a
@@ -101,14 +111,15 @@ def map_on_actor_pool(
         # Ray 2.60-2.63 takes actor restart limits only through **ray_remote_args, which warns
         # that it is deprecated; pyproject caps ray below 2.64, where it goes.
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
+        ds = ray.data.from_arrow(blocks_of(table, batch_size, blocks_per_actor * pool.max_actors))
         return ds.map_batches(
             udf,
             fn_constructor_kwargs=constructor_kwargs,
             batch_size=batch_size,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
-            num_gpus=num_gpus,
-            num_cpus=num_cpus,
+            compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+            num_gpus=actor_gpus(pool.num_gpus),
+            num_cpus=pool.num_cpus,
             max_restarts=execution.max_actor_restarts,
             max_task_retries=-1,
         )

@@ -22,9 +22,8 @@ from gradmm_ray.config import Config
 from gradmm_ray.core.headgrad import head_logits, logits_grad, match_loss
 from gradmm_ray.core.lm import load_model
 from gradmm_ray.core.scoring import completion_logprobs, few_shot_context
-from gradmm_ray.core.text import encode_pair, format_prompt
+from gradmm_ray.core.text import encode_pair, encode_prompt, format_prompt
 from gradmm_ray.distributed.ray_env import map_on_actor_pool
-from gradmm_ray.distributed.targets import blocks_of
 
 # ---------------------------------------------------------------------------------------------
 # Scores
@@ -74,10 +73,7 @@ class CandidateScorer:
         label_prob = probs.gather(1, own.unsqueeze(1)).squeeze(1)
         top_label = [self.labels[i] for i in probs.argmax(dim=1).tolist()]
         # Perplexity of the text given its label's generation prefix.
-        gen = [
-            list(tok(d.generation_prefix.format(label=lab), add_special_tokens=True)["input_ids"])
-            for lab in labels
-        ]
+        gen = [encode_prompt(tok, d.generation_prefix.format(label=lab)) for lab in labels]
         ppl_pairs = [
             (g + [int(x) for x in ids], len(g))
             for g, ids in zip(gen, batch["token_ids"], strict=True)
@@ -104,22 +100,18 @@ class CandidateScorer:
         return out
 
 
-def score_candidates(solves: pa.Table, targets: dict, cfg: Config, *, num_gpus: float) -> pa.Table:
+def score_candidates(solves: pa.Table, targets: dict, cfg: Config) -> pa.Table:
     import ray
     import ray.data
 
     targets_ref = ray.put(targets)
     s = cfg.select
-    ds = ray.data.from_arrow(blocks_of(solves, s.batch_size, cfg.solve.max_actors))
     scored = map_on_actor_pool(
-        ds,
+        solves,
         CandidateScorer,
         constructor_kwargs={"cfg": cfg, "targets_ref": [targets_ref]},
+        pool=s,
         batch_size=s.batch_size,
-        min_actors=1,
-        max_actors=cfg.solve.max_actors,
-        num_gpus=num_gpus,
-        num_cpus=cfg.solve.num_cpus,
         execution=cfg.execution,
     )
     table = pa.concat_tables(list(scored.iter_batches(batch_size=None, batch_format="pyarrow")))

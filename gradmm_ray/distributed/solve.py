@@ -24,7 +24,6 @@ from gradmm_ray.core.admm import SequenceLayout, Target, solve_batch
 from gradmm_ray.core.lm import load_model
 from gradmm_ray.core.projection import allowed_token_mask
 from gradmm_ray.distributed.ray_env import map_on_actor_pool
-from gradmm_ray.distributed.targets import blocks_of
 from gradmm_ray.errors import OutputError
 from gradmm_ray.io.storage import OutputDir, OutputWarning, is_own
 
@@ -190,7 +189,7 @@ class SolveStats:
 
 
 def run_solve(
-    targets: dict[str, dict[str, torch.Tensor]], cfg: Config, out: OutputDir, *, num_gpus: float
+    targets: dict[str, dict[str, torch.Tensor]], cfg: Config, out: OutputDir
 ) -> SolveStats:
     import ray
     import ray.data
@@ -203,16 +202,12 @@ def run_solve(
         s = cfg.solve
         targets_ref = ray.put(targets)
         items_table = pa.Table.from_pylist([asdict(it) for it in todo])
-        ds = ray.data.from_arrow(blocks_of(items_table, s.batch_size, s.max_actors))
         solved = map_on_actor_pool(
-            ds,
+            items_table,
             AdmmSolver,
             constructor_kwargs={"cfg": cfg, "targets_ref": [targets_ref]},
+            pool=s,
             batch_size=s.batch_size,
-            min_actors=s.min_actors,
-            max_actors=s.max_actors,
-            num_gpus=num_gpus,
-            num_cpus=s.num_cpus,
             execution=cfg.execution,
         )
         with tqdm(

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
@@ -104,12 +103,6 @@ class ClippedHeadGradSums:
         return out
 
 
-def blocks_of(table: pa.Table, rows_per_block: int, min_blocks: int) -> list[pa.Table]:
-    """Slices of at most ``rows_per_block`` rows, at least ``min_blocks`` of them when possible."""
-    size = max(1, min(rows_per_block, -(-table.num_rows // min_blocks)))
-    return [table.slice(i, size) for i in range(0, table.num_rows, size)]
-
-
 @dataclass
 class TargetsResult:
     targets: dict[str, dict[str, torch.Tensor]]
@@ -117,29 +110,18 @@ class TargetsResult:
     seconds: float
 
 
-def clean_class_sums(
-    real: RealExamples, cfg: Config, *, num_gpus: float
-) -> dict[str, dict[str, torch.Tensor]]:
+def clean_class_sums(real: RealExamples, cfg: Config) -> dict[str, dict[str, torch.Tensor]]:
     """Σ of clipped per-example head gradients per class over the Poisson-sampled rows, reduced
     over all actors (float64). Private: never leaves stage 1 without noise."""
-    import ray.data
-
     t = cfg.targets
-    # Blocks are cut here, on the driver: a repartition would need a CPU task that a pool of
-    # actors holding every CPU could starve.
-    ds = ray.data.from_arrow(
-        blocks_of(real.table.select(["row", "text", "label"]), t.rows_per_partial, 4 * t.max_actors)
-    )
     partials = map_on_actor_pool(
-        ds,
+        real.table.select(["row", "text", "label"]),
         ClippedHeadGradSums,
         constructor_kwargs={"cfg": cfg},
+        pool=t,
         batch_size=t.rows_per_partial,
-        min_actors=t.min_actors,
-        max_actors=t.max_actors,
-        num_gpus=num_gpus,
-        num_cpus=t.num_cpus,
         execution=cfg.execution,
+        blocks_per_actor=4,
     )
     sums: dict[str, dict[str, torch.Tensor]] = {}
     seen: dict[str, int] = {}
@@ -163,10 +145,10 @@ def clean_class_sums(
 
 
 def run_targets(
-    real: RealExamples, cfg: Config, out: OutputDir, *, num_gpus: float, model_revision: str | None
+    real: RealExamples, cfg: Config, out: OutputDir, *, model_revision: str | None
 ) -> TargetsResult:
     start = time.perf_counter()
-    sums = clean_class_sums(real, cfg, num_gpus=num_gpus)
+    sums = clean_class_sums(real, cfg)
     std = noise_std_of_sum(cfg.privacy)
     targets = release_noisy_sums(sums, std, noise_source(cfg.privacy, cfg.seed))
     del sums  # nothing un-noised outlives this function

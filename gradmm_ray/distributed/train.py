@@ -1,14 +1,15 @@
 """Ray layer of fine-tuning: one Ray Train ``TorchTrainer`` runs every planned run on its workers.
 
 Each worker loads the pretrained model once, then for every run (method, seed, lr) trains a fresh
-copy with Accelerate or DeepSpeed (ZeRO-2 / ZeRO-3, the JSON in jobs/configs/) through
-:func:`gradmm_ray.finetune.job.run_one`, and reports every evaluation with ``ray.train.report``. Rank 0
-returns the records (``Result.return_value``). TorchTrainer sets MASTER_ADDR / RANK / WORLD_SIZE /
-LOCAL_RANK and the process group (gloo on CPU workers, nccl on GPUs), which both wrappers join.
-Accelerate and DeepSpeed are imported inside the worker only.
+copy with Accelerate or DeepSpeed (ZeRO-2 / ZeRO-3, the JSON in gradmm_ray/presets/) through
+:func:`gradmm_ray.core.training.run_one`, and reports every evaluation with ``ray.train.report``.
+Rank 0 returns the records (``Result.return_value``). TorchTrainer sets MASTER_ADDR / RANK /
+WORLD_SIZE / LOCAL_RANK and the process group (gloo on CPU workers, nccl on GPUs), which both
+wrappers join. Accelerate and DeepSpeed are imported inside the worker only.
 
 Herding and k-center need embeddings of the real pool: one Ray task computes them with the
-pretrained model (on a GPU when the workers get one).
+pretrained model (on a GPU when the workers get one). The job around it (prepare, plan, report)
+is ``gradmm_ray/finetune/job.py``.
 """
 
 from __future__ import annotations
@@ -30,25 +31,15 @@ from torch import Tensor
 
 from gradmm_ray.config import DataConfig, ModelConfig
 from gradmm_ray.core.scoring import mean_pooled_states
-from gradmm_ray.finetune.job import (
-    SYNTHETIC,
+from gradmm_ray.core.training import (
     EvalSets,
     Example,
     PlainBackend,
-    PreparedJob,
-    ProtocolConfig,
     RunSpec,
-    WorkersConfig,
-    capped,
     make_optimizer,
-    metrics_document,
-    n_train_of,
-    plan_runs,
     run_one,
-    summarise,
-    write_outputs,
 )
-from gradmm_ray.io.storage import OutputDir
+from gradmm_ray.finetune.config import ProtocolConfig, WorkersConfig
 
 
 @dataclass(frozen=True)
@@ -336,79 +327,3 @@ def storage_for(output: str) -> str:
     if "://" in output:
         return output.rstrip("/") + "/ray_train"
     return os.path.join(os.path.abspath(os.path.expanduser(output)), "ray_train")
-
-
-@dataclass
-class FinetuneSummary:
-    output: str
-    cluster: str
-    files: list[str]
-    runs: list[dict[str, Any]]
-    seconds: float
-
-
-def run_job(prep: PreparedJob) -> FinetuneSummary:
-    """Embeddings (if needed) -> plan -> train and evaluate on Ray -> metrics, results, plots."""
-    import ray
-
-    from gradmm_ray.distributed.ray_env import init_ray
-
-    cfg = prep.cfg
-    started = time.perf_counter()
-    cluster, started_ray = init_ray()
-    try:
-        embeddings = None
-        if {"herding", "kcenter"} & set(cfg.baselines):
-            embeddings = embed_prompts(
-                cfg.model, [ex.prompt for ex in prep.pool], worker_gpus(cfg.workers)
-            )
-        sets, runs = plan_runs(prep, embeddings)
-        job = TrainingJob(
-            model=cfg.model,
-            data=cfg.data,
-            protocol=cfg.protocol,
-            workers=cfg.workers,
-            deepspeed=prep.deepspeed,
-            sets=sets,
-            runs=runs,
-            evals=EvalSets(
-                dev=prep.dev,
-                test=prep.test,
-                grad_reference=capped(prep.pool, cfg.splits.grad_error_rows, seed=cfg.splits.seed),
-            ),
-            grad_error_rows=cfg.splits.grad_error_rows,
-        )
-        histories = run_training(
-            job, storage_path=storage_for(cfg.output), name=f"finetune-{int(time.time())}"
-        )
-    finally:
-        if started_ray:
-            ray.shutdown()
-    runs_summary = summarise(histories, n_train_of(sets, runs), cfg.protocol.seeds)
-    notes = []
-    if cfg.model.name == "tiny":
-        notes.append(
-            "The tiny offline model is not Phi-1.5: the paper's learning rates (7e-6..1.5e-5) barely "
-            "move its weights, so use --lrs with larger values (e.g. 1e-3) for it."
-        )
-    seconds = time.perf_counter() - started
-    metrics = metrics_document(
-        runs_summary, cfg=cfg, split_info=prep.split_info, seconds=seconds, notes=notes
-    )
-    files = write_outputs(OutputDir(cfg.output), metrics, histories)
-    return FinetuneSummary(cfg.output, cluster, files, runs_summary, seconds)
-
-
-def format_summary(summary: FinetuneSummary) -> str:
-    lines = [
-        f"finetune: done ({summary.cluster}, {summary.seconds:.0f} s)",
-        f"  output   {summary.output}",
-    ]
-    for r in summary.runs:
-        name = "synthetic (--train)" if r["name"] == SYNTHETIC else r["name"]
-        lines.append(
-            f"  {name:<22} n={r['n_train']:<6} test accuracy {100 * r['accuracy_mean']:.1f} ± "
-            f"{100 * r['accuracy_std']:.1f}  loss {r['loss_mean']:.3f}"
-        )
-    lines.append(f"  files    {', '.join(summary.files)}")
-    return "\n".join(lines)

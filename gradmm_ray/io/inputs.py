@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from gradmm_ray.config import DataConfig, ModelConfig
-from gradmm_ray.io.real_data import FILE_FORMATS, looks_like_path, sample_data_path
+from gradmm_ray.io.real_data import FILE_FORMATS, looks_like_path
+from gradmm_ray.sample_data import sample_data_path
 
 EDGE_BYTES = 1 << 20  # hashed from each end of a file
 _LOCAL = pafs.LocalFileSystem()
@@ -126,25 +127,3 @@ def _hub_commit(cfg: ModelConfig) -> str | None:
     except OSError:
         return None
     return getattr(conf, "_commit_hash", None)
-
-
-_FIELDS = {"size": "size", "sha256": "content", "mtime_ns": "mtime"}
-
-
-def describe_change(what: str, old: dict[str, Any], new: dict[str, Any]) -> str | None:
-    """One phrase naming the first difference between two identities, or None when equal."""
-    if old == new:
-        return None
-    old_files, new_files = old.get("files", {}), new.get("files", {})
-    for name in sorted(set(old_files) | set(new_files)):
-        a, b = old_files.get(name), new_files.get(name)
-        if a == b:
-            continue
-        if a is None:
-            return f"{what} file {name!r} was added"
-        if b is None or b.get("missing"):
-            return f"{what} file {name!r} is gone"
-        fields = [_FIELDS.get(k, k) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        return f"{what} file {name!r} changed ({'/'.join(fields)})"
-    keys = sorted(k for k in set(old) | set(new) if k != "files" and old.get(k) != new.get(k))
-    return f"{what} changed ({', '.join(f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in keys)})"

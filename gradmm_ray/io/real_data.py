@@ -22,30 +22,20 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from gradmm_ray.config import DataConfig
 from gradmm_ray.errors import DataError
+from gradmm_ray.sample_data import sample_data_path
 
-SAMPLE_SPLITS = {"train": "movie_reviews_train.jsonl", "test": "movie_reviews_test.jsonl"}
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading
-
-
-def sample_data_path(split: str = "train") -> Path:
-    if split not in SAMPLE_SPLITS:
-        raise DataError(
-            f"data.split: got {split!r} for the bundled sample, expected one of {sorted(SAMPLE_SPLITS)}"
-        )
-    return Path(str(resources.files("gradmm_ray") / "sample_data" / SAMPLE_SPLITS[split]))
 
 
 def _is_uri(source: str) -> bool:
@@ -383,7 +373,3 @@ def load_real_examples(cfg: DataConfig, seed: int) -> RealExamples:
                 f"{shown}: class {lab!r} has {n} example(s) after sampling, expected at least 2"
             )
     return RealExamples(table=table, source_name=shown, counts=counts)
-
-
-def label_mask(table: pa.Table, label: str) -> np.ndarray:
-    return pc.equal(table.column("label"), label).to_numpy(zero_copy_only=False)

@@ -2,13 +2,16 @@
 
 Every file is written under a temporary name and then moved into place, so an interrupted run
 never leaves a complete-looking file. ``run.json`` holds the fingerprint of the settings that
-determine the results and the identity of the inputs (gradmm_ray/inputs.py); a second run on the
+determine the results and the identity of the inputs (io/inputs.py); a second run on the
 same directory with other settings or changed inputs is refused unless ``--overwrite`` is given.
 
 ``--overwrite`` deletes only the files a run writes (OWN_FILES, OWN_PATTERN), never anything
 else; a directory holding other files and no run is refused even with it. A run holds
 ``.gradmm.lock`` (owner, host, pid, start time) for its whole duration, so that two runs never
 write the same directory.
+
+One file over ~400 lines on purpose: writing, owning, locking and checking the output
+directory are one idea (what a run may do to a directory), and each rule refers to the others.
 """
 
 from __future__ import annotations
@@ -256,8 +259,6 @@ def read_run_file(out: OutputDir) -> dict:
 def check_inputs(out: OutputDir, inputs: dict[str, dict]) -> None:
     """On resume: the data and model must be the ones the run started with. A run.json from
     before inputs were recorded is accepted (run() records them now)."""
-    from gradmm_ray.io.inputs import describe_change
-
     previous = read_run_file(out).get("inputs")
     if previous is None:
         return
@@ -408,3 +409,26 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif va != vb:
             keys.append(f"{prefix}{k}")
     return keys
+
+
+_FIELDS = {"size": "size", "sha256": "content", "mtime_ns": "mtime"}
+
+
+def describe_change(what: str, old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """One phrase naming the first difference between two input identities (io/inputs.py),
+    or None when equal."""
+    if old == new:
+        return None
+    old_files, new_files = old.get("files", {}), new.get("files", {})
+    for name in sorted(set(old_files) | set(new_files)):
+        a, b = old_files.get(name), new_files.get(name)
+        if a == b:
+            continue
+        if a is None:
+            return f"{what} file {name!r} was added"
+        if b is None or b.get("missing"):
+            return f"{what} file {name!r} is gone"
+        fields = [_FIELDS.get(k, k) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        return f"{what} file {name!r} changed ({'/'.join(fields)})"
+    keys = sorted(k for k in set(old) | set(new) if k != "files" and old.get(k) != new.get(k))
+    return f"{what} changed ({', '.join(f'{k} {old.get(k)!r} -> {new.get(k)!r}' for k in keys)})"
