@@ -126,7 +126,9 @@ class MatchingObjective:
         attention = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         hidden = self.lm.hidden_states(inputs_embeds=embeds, attention_mask=attention)
         start = self.n_fixed_before + n + self.n_after - 1  # predicts the first completion token
-        A = hidden[:, start : start + self.T].float()  # (N, T, d)
+        # contiguous: the head matmuls below then run as one GEMM, not as a batched bmm over a
+        # strided view (2x faster objective, issue 14).
+        A = hidden[:, start : start + self.T].float().contiguous()  # (N, T, d)
         B = logits_grad(
             head_logits(A, self.W, self.b),
             self.targets.expand(N, -1),
