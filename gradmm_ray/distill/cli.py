@@ -20,19 +20,21 @@ DESCRIPTION = """\
 Distil private labelled text into a small set of synthetic examples (GRADMM).
 
 Stage 1 (targets) computes each real example's clipped last-layer gradient and releases one
-differentially private mean gradient per class; stage 2 (solve) runs independent ADMM solves
+differentially private gradient sum per class (noise from the OS CSPRNG; no counts published); stage 2 (solve) runs independent ADMM solves
 that turn synthetic token embeddings into text whose gradient matches those targets; stage 3
 (select) scores, filters and balances the candidates into OUTPUT/synthetic.parquet.
 
 With no arguments it runs the embedded demo: local Ray, CPU, the bundled movie reviews and a
-tiny offline model. On a cluster:  ray job submit --working-dir . -- python jobs/distill.py --config my.yaml
+tiny offline model. On a cluster (give --output: the job's working directory is temporary):
+  ray job submit --working-dir . -- python jobs/distill.py --config my.yaml --output s3://bucket/run
 """
 
 EPILOG = """\
 examples:
   python jobs/distill.py                                          # the demo
   python jobs/distill.py --model microsoft/phi-1_5 --data stanfordnlp/sst2 \\
-      --set data.label_names=[negative,positive] --set privacy.epsilon=1 --output s3://bucket/run1
+      --set data.text_column=sentence --set data.label_names=[negative,positive] \\
+      --set privacy.epsilon=1 --set privacy.sample_rate=0.01 --output s3://bucket/run1
   python jobs/distill.py --config paper_sst2 --stages targets      # a shipped preset
   python jobs/distill.py --set admm.rho=[0.1,1,5] --set solve.candidates_per_class=100
 
@@ -48,7 +50,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--config",
         help="YAML file with any of the sections data, model, privacy, targets, admm, solve, "
-        "select; or a preset's name (demo, paper_sst2: gradmm_ray/presets/)",
+        "select, audit, execution (and output, seed, stages); or a preset's name (demo, "
+        "paper_sst2: gradmm_ray/presets/)",
     )
     p.add_argument(
         "--data",

@@ -121,6 +121,9 @@ def plot_funnel(funnel: list[dict]):
         vals = np.array([f["per_class"][label] for f in funnel])
         ax.bar(steps, vals, bottom=bottom, label=label)
         bottom += vals
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # rows are counted, not measured
     ax.set_ylabel("rows")
     ax.set_title("selection funnel")
     ax.legend(fontsize=8)
@@ -189,6 +192,10 @@ def write_report(
         privacy_paragraph(p),
         "",
         "## Selection funnel",
+        "",
+        "Rows of synthetic candidates after each step. `balance` equalises quality, not counts: "
+        "each class drops its worst rows until its mean score is at or below the lowest class "
+        "mean, so the classes can end with different numbers of rows.",
         "",
         "| step | rows | " + " | ".join(sorted(selection.funnel[0]["per_class"])) + " |",
         "|---|---|" + "---|" * len(selection.funnel[0]["per_class"]),
