@@ -54,25 +54,25 @@ def top_per_class(rows: list[dict], per_class: int, ppl_weight: float) -> list[d
 def balance_classes(rows: list[dict], ppl_weight: float) -> list[dict]:
     """Each class whose mean score is above the lowest class mean drops its worst rows until its
     mean is at or below that lowest mean, keeping at least one row (paper Sec. 4.4, generalised
-    from two classes to any number)."""
+    from two classes to any number). O(n log n): after sorting, the mean of each class's m best
+    rows is a prefix mean, so the rows kept are the longest prefix whose mean is at most the
+    floor."""
     by_label: dict[str, list[dict]] = {}
     for r in rows:
         by_label.setdefault(r["label"], []).append(r)
     if len(by_label) < 2:
         return rows
-    for label in by_label:
-        by_label[label].sort(key=lambda r: (selection_score(r, ppl_weight), r["synthetic_id"]))
-
-    def mean(label: str) -> float:
-        return float(np.mean([selection_score(r, ppl_weight) for r in by_label[label]]))
-
-    floor = min(mean(label) for label in by_label)
+    prefix_means = {}
     for label, members in by_label.items():
-        while len(members) > 1 and mean(label) > floor:
-            members.pop()
-    return sorted(
-        (r for members in by_label.values() for r in members), key=lambda r: r["synthetic_id"]
-    )
+        members.sort(key=lambda r: (selection_score(r, ppl_weight), r["synthetic_id"]))
+        scores = np.array([selection_score(r, ppl_weight) for r in members])  # ascending
+        prefix_means[label] = np.cumsum(scores) / np.arange(1, len(scores) + 1)  # (n,)
+    floor = min(means[-1] for means in prefix_means.values())
+    kept = []
+    for label, members in by_label.items():
+        within = np.flatnonzero(prefix_means[label] <= floor)
+        kept += members[: int(within[-1]) + 1 if len(within) else 1]
+    return sorted(kept, key=lambda r: r["synthetic_id"])
 
 
 @dataclass
