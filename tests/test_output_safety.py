@@ -426,6 +426,25 @@ def test_unreadable_solve_part_is_deleted_and_redone(tmp_path):
     assert read_solves(out).num_rows == 2
 
 
+def test_resume_reads_only_the_key_columns(tmp_path, monkeypatch):
+    """finished_keys asks Parquet for synthetic_id and rho only (a solve part also holds token
+    ids, texts and per-iteration curves, which resume never needs)."""
+    out = OutputDir(str(tmp_path / "out"))
+    part = "solves/part-" + "3" * 32 + ".parquet"
+    curves = [[0.5] * 30, [0.4] * 30]
+    out.write_parquet(part, pa.table({"synthetic_id": [0, 1], "rho": [1.0, 2.0], "curve": curves}))
+    asked = []
+    read = OutputDir.read_parquet
+
+    def recording(self, rel, columns=None):
+        asked.append(columns)
+        return read(self, rel, columns)
+
+    monkeypatch.setattr(OutputDir, "read_parquet", recording)
+    assert finished_keys(out) == {(0, 1.0), (1, 2.0)}
+    assert asked == [["synthetic_id", "rho"]]
+
+
 # ---------------------------------------------------------------------------------------------
 # Unwritable --output
 

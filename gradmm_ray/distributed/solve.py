@@ -23,6 +23,7 @@ from gradmm_ray.config import Config
 from gradmm_ray.core.admm import SequenceLayout, Target, solve_batch
 from gradmm_ray.core.lm import load_model
 from gradmm_ray.core.projection import allowed_token_mask
+from gradmm_ray.core.target_space import target_space
 from gradmm_ray.distributed.ray_env import map_on_actor_pool
 from gradmm_ray.errors import OutputError
 from gradmm_ray.io.storage import OutputDir, OutputWarning, is_own
@@ -57,7 +58,7 @@ def finished_keys(out: OutputDir) -> set[tuple[int, float]]:
     """(synthetic_id, rho) of every solve already written. A part that cannot be read (writes
     are atomic, so only a damaged disk or copy truncates one) is deleted with a warning: its
     items are not finished, so they are solved again."""
-    tables, damaged = _read_parts(out)
+    tables, damaged = _read_parts(out, columns=["synthetic_id", "rho"])  # the keys only
     for rel in damaged:
         warnings.warn(
             f"{out.uri}/{rel} is unreadable; deleting it and solving its items again",
@@ -83,14 +84,16 @@ def read_solves(out: OutputDir) -> pa.Table | None:
     return pa.concat_tables(tables) if tables else None
 
 
-def _read_parts(out: OutputDir) -> tuple[list[pa.Table], list[str]]:
+def _read_parts(
+    out: OutputDir, columns: list[str] | None = None
+) -> tuple[list[pa.Table], list[str]]:
     """(tables of the readable parts, names of the unreadable ones); only parts a run wrote."""
     tables, damaged = [], []
     for rel in out.list(SOLVES_DIR, ".parquet"):
         if not is_own(rel):
             continue
         try:
-            tables.append(out.read_parquet(rel))
+            tables.append(out.read_parquet(rel, columns))
         except (OSError, pa.ArrowException):
             damaged.append(rel)
     return tables, damaged
@@ -123,6 +126,7 @@ class AdmmSolver:
             self.lm.tokenizer, self.lm.vocab_size, word_like_only=cfg.admm.word_like_only
         )
         self.admm = cfg.admm
+        self.space = target_space(cfg.targets.gradient, self.lm, cfg.data.verbalizers)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows: dict[str, list] = {
@@ -158,6 +162,7 @@ class AdmmSolver:
                     self.admm,
                     seed=seed,
                     allowed=self.allowed,
+                    space=self.space,
                 ):
                     rows["synthetic_id"].append(r.synthetic_id)
                     rows["label"].append(label)

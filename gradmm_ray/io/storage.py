@@ -160,8 +160,9 @@ class OutputDir:
         pq.write_table(table, buf)
         self.write_bytes(rel, buf.getvalue())
 
-    def read_parquet(self, rel: str) -> pa.Table:
-        return pq.read_table(self.path(rel), filesystem=self.fs)
+    def read_parquet(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        """The table, or only ``columns`` of it (Parquet reads just those column chunks)."""
+        return pq.read_table(self.path(rel), columns=columns, filesystem=self.fs)
 
     def delete(self, rel: str) -> None:
         self.fs.delete_file(self.path(rel))
