@@ -33,6 +33,7 @@ STAGES = ("targets", "solve", "select")
 PROJECTION_RULES = ("paper", "reference")
 ADJACENCIES = ("add_remove", "replace_one")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+TARGET_SPACES = ("full_head", "label_rows")  # targets.gradient (core.target_space)
 
 
 T = TypeVar("T")
@@ -124,8 +125,11 @@ class PoolConfig:
 class TargetsConfig(PoolConfig):
     """Stage 1: its pool, and how much each actor call takes. Each call takes
     `rows_per_partial` rows, runs them through the model `micro_batch_size` at a time and emits
-    one per-class partial sum."""
+    one per-class partial sum. `gradient` is the released target's space: full_head (the whole
+    LM head's next-token gradient, V x d) or label_rows (the label-option cross-entropy's
+    gradient on the verbalizer tokens' head rows, |S| x d; single-token verbalizers only)."""
 
+    gradient: str = _result("full_head")
     micro_batch_size: int = _resource(32)
     rows_per_partial: int = _resource(4096)
 
@@ -504,6 +508,10 @@ def validate(cfg: Config) -> list[str]:
             f"{name}.num_gpus: got {s.num_gpus!r}, expected auto or a number >= 0",
         )
         need(s.num_cpus > 0, f"{name}.num_cpus: got {s.num_cpus}, expected > 0")
+    need(
+        cfg.targets.gradient in TARGET_SPACES,
+        f"targets.gradient: got {cfg.targets.gradient!r}, expected one of {TARGET_SPACES}",
+    )
     need(
         cfg.targets.micro_batch_size >= 1,
         f"targets.micro_batch_size: got {cfg.targets.micro_batch_size}, expected >= 1",

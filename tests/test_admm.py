@@ -38,6 +38,7 @@ from gradmm_ray.core.headgrad import (
 )
 from gradmm_ray.core.lm import CausalLM
 from gradmm_ray.core.projection import allowed_token_mask, cosine_candidates, project
+from gradmm_ray.core.target_space import target_space
 from gradmm_ray.core.text import encode_pair, format_prompt
 from gradmm_ray.sample_data import sample_data_path
 
@@ -144,6 +145,81 @@ def test_objective_matches_double_backward(models, arch):
 
     assert loss.shape == (3,) and loss.dtype == torch.float32
     assert (ref < 0.95).all(), "target too weakly correlated: 1 - cos ~ 1 tests little"
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    rel = float((X.grad.double() - X_ref.grad).norm() / X_ref.grad.norm())
+    assert rel <= 1e-5, rel
+    torch.testing.assert_close(
+        X.grad.double(), X_ref.grad, rtol=0, atol=1e-5 * float(X_ref.grad.abs().max())
+    )
+
+
+VERBALIZERS = {"positive": COMPLETION, "negative": " bad"}
+
+
+def double_backward_label_rows_loss(
+    lm: CausalLM, layout: SequenceLayout, X: Tensor, target: Target, rows: list[int]
+) -> Tensor:
+    """The label-rows loss by its literal definition: full forward, the model's own logits at
+    the position predicting the completion restricted to the verbalizer tokens S (ordered by
+    sorted label), cross-entropy against the completion's index in S, gradient w.r.t. the
+    head's rows S materialised with create_graph=True, mean over head tensors of 1 - cos."""
+    model = head_only_copy(lm)
+    head = model.get_output_embeddings()
+    params = [head.weight] + ([head.bias] if target.bias is not None else [])
+    targets_ = [target.weight] + ([target.bias] if target.bias is not None else [])
+    emb = model.get_input_embeddings()
+    pre = emb(torch.tensor(layout.prefix_ids))
+    suf = emb(torch.tensor(layout.suffix_ids, dtype=torch.long))
+    comp_ids = torch.tensor(layout.completion_ids)
+    y = torch.tensor([rows.index(layout.completion_ids[0])])
+    losses = []
+    for i in range(X.shape[0]):
+        embeds = torch.cat([pre, X[i], suf, emb(comp_ids)]).unsqueeze(0)
+        logits = model(inputs_embeds=embeds).logits[0, -2, rows].float()  # (K,)
+        ce = F.cross_entropy(logits.unsqueeze(0), y)
+        grads = torch.autograd.grad(ce, params, create_graph=True)
+        cos = [
+            F.cosine_similarity(g[rows].flatten(), t.flatten(), dim=0)
+            for g, t in zip(grads, targets_, strict=True)
+        ]
+        losses.append(torch.stack([1 - c for c in cos]).mean())
+    return torch.stack(losses)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi", "gpt2", "gemma2"])
+def test_label_rows_objective_matches_double_backward(models, arch):
+    """targets.gradient label_rows: f(X) and ∂Σf/∂X from MatchingObjective with the label-rows
+    space equal the float64 create_graph reference (same tolerances as the full head's)."""
+    lm = models[arch]
+    layout = layout_for(lm)
+    space = target_space("label_rows", lm, VERBALIZERS)
+    pairs = [
+        encode_pair(lm.tokenizer, format_prompt(TEMPLATE, t), COMPLETION) for t in positive_texts(4)
+    ]
+    S_W, S_b = space.clipped_sum_of_pairs(lm, pairs, None)
+    g = torch.Generator().manual_seed(0)
+    nw = torch.randn(S_W.shape, generator=g)
+    target = Target(
+        S_W + 0.5 * nw * S_W.norm() / nw.norm(),
+        None if space.b is None else S_b + 0.3 * S_b.norm() * torch.randn(S_b.shape, generator=g),
+    )
+    d = lm.input_embeddings.shape[1]
+    X0 = torch.randn((3, 4, d), generator=g)
+    X0 = X0 * typical_embedding_norm(lm) / X0.norm(dim=-1, keepdim=True)
+
+    X = X0.clone().requires_grad_(True)
+    loss = MatchingObjective(lm, layout, target, space)(X)
+    loss.sum().backward()
+    target64 = Target(target.weight.double(), None if target.bias is None else target.bias.double())
+    X_ref = X0.double().requires_grad_(True)
+    rows = space.rows.tolist()
+    ref = double_backward_label_rows_loss(float64_copy(lm), layout, X_ref, target64, rows)
+    ref.sum().backward()
+
+    assert loss.shape == (3,) and target.weight.shape == (2, d)
+    # With K = 2, r = p - onehot(y) has a fixed direction, so cos = ±cos(h, ·): a random X may
+    # be anti-correlated; only require that some example is far from orthogonal.
+    assert float((ref.detach() - 1).abs().max()) > 0.1, "1 - cos ~ 1 everywhere tests little"
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
     rel = float((X.grad.double() - X_ref.grad).norm() / X_ref.grad.norm())
     assert rel <= 1e-5, rel

@@ -257,6 +257,40 @@ def test_invalid_privacy_values(capsys, out, override, parts):
     assert not out.exists()
 
 
+def test_unknown_target_space(capsys, out):
+    """targets.gradient lists the accepted spaces."""
+    fails(
+        capsys,
+        ["--set", "targets.gradient=rows", "--output", str(out)],
+        "targets.gradient",
+        "'rows'",
+        "full_head",
+        "label_rows",
+    )
+    assert not out.exists()
+
+
+def test_label_rows_refuses_a_multi_token_verbalizer(capsys, out):
+    """label_rows needs one token per label: the multi-token verbalizer is named, with its
+    token count, on one line, before anything is written (" terrible" is 3 tiny tokens)."""
+    fails(
+        capsys,
+        [
+            "--set",
+            "targets.gradient=label_rows",
+            "--set",
+            'data.verbalizers={positive: " great", negative: " terrible"}',
+            "--output",
+            str(out),
+        ],
+        "targets.gradient label_rows",
+        "data.verbalizers.negative",
+        "' terrible'",
+        "3 tokens",
+    )
+    assert not out.exists()
+
+
 def test_two_config_problems_on_one_line(capsys, out):
     """Several config problems are reported together, still on one line."""
     fails(

@@ -515,7 +515,8 @@ def test_every_config_field_says_whether_it_changes_results():
     assert unmarked == []
     pool = {f.name for f in dataclasses.fields(PoolConfig)}
     assert not {name.rsplit(".", 1)[-1] for name in kept} & pool
-    assert not any(name.startswith(("audit.", "execution.", "targets.")) for name in kept)
+    assert not any(name.startswith(("audit.", "execution.")) for name in kept)
+    assert {n for n in kept if n.startswith("targets.")} == {"targets.gradient"}
     assert {"output", "stages", "solve.batch_size", "select.batch_size"}.isdisjoint(kept)
     assert {"seed", "admm.lr", "privacy.epsilon", "solve.candidates_per_class"} <= kept
     fingerprint = Config().fingerprint_dict()
@@ -525,7 +526,7 @@ def test_every_config_field_says_whether_it_changes_results():
         for key in (value if isinstance(value, dict) else [None])
     }
     assert leaves == kept
-    assert fingerprint["targets"] == {}  # the section stays (as before), with no fields
+    assert fingerprint["targets"] == {"gradient": "full_head"}  # the target space only
 
 
 def test_pool_config_is_shared_by_the_three_stages():

@@ -271,3 +271,30 @@ def test_targets_stage_alone_then_the_rest(ray_session, tmp_path, capsys):
     assert meta["labels"] == ["negative", "positive"]
     assert cli.main([*base, "--stages", "solve,select"]) == 0
     assert (out / "synthetic.parquet").exists()
+
+
+def test_label_rows_target_end_to_end(ray_session, canary_data, tmp_path):
+    """targets.gradient=label_rows on the tiny model: every stage runs, the release holds one
+    (|S|, d) weight (+ (|S|,) bias) per class, the record names the space and its dimension
+    |S|·(d [+ 1]), and the selected rows' match_loss is a 1 - cos in that space."""
+    from gradmm_ray.core.lm import load_causal_lm
+
+    out = tmp_path / "out"
+    argv = ["--data", str(canary_data), "--output", str(out), *FAST]
+    assert cli.main([*argv, "--set", "targets.gradient=label_rows"]) == 0
+    lm = load_causal_lm("tiny", dtype="float32", device="cpu")
+    K, d = len(Config().data.verbalizers), lm.head.weight.shape[1]
+    from safetensors import safe_open
+
+    with safe_open(out / "targets.safetensors", "pt") as f:
+        meta = json.loads(f.metadata()["gradmm"])
+        keys = set(f.keys())
+        for label in ("positive", "negative"):
+            assert tuple(f.get_tensor(f"{label}/weight").shape) == (K, d)
+            assert (f"{label}/bias" in keys) == lm.has_head_bias
+    record = meta["privacy"]
+    assert record["target_space"] == "label_rows"
+    assert record["target_dims"] == K * (d + (1 if lm.has_head_bias else 0))
+    assert set(record["noise_to_signal"]) == {"positive", "negative"}
+    rows = pq.read_table(out / "synthetic.parquet").to_pylist()
+    assert rows and all(0 <= r["match_loss"] <= 2 for r in rows)

@@ -181,7 +181,12 @@ def _zero_sums(V: int = 2000, d: int = 256) -> dict[str, dict[str, torch.Tensor]
 
 
 def _record(cfg: PrivacyConfig, **kw):
-    kw = {"deterministic_caps": False, "target_dims": DIMS, "noise_to_signal": {}} | kw
+    kw = {
+        "deterministic_caps": False,
+        "target_space": "full_head",
+        "target_dims": DIMS,
+        "noise_to_signal": {},
+    } | kw
     return privacy_record(cfg, **kw)
 
 

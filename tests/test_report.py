@@ -30,6 +30,7 @@ def _with_privacy(noise_to_signal: dict[str, float], **privacy) -> RunSummary:
     record = privacy_record(
         PrivacyConfig(**privacy),
         deterministic_caps=False,
+        target_space="full_head",
         target_dims=100,
         noise_to_signal=noise_to_signal,
     )

@@ -44,12 +44,14 @@ def saved_arch(request, tiny_archs, tmp_path_factory):
     return lm, str(folder)
 
 
-def _actor(folder: str, clip_norm: float, micro: int = 2) -> ClippedHeadGradSums:
+def _actor(
+    folder: str, clip_norm: float, micro: int = 2, gradient: str = "full_head"
+) -> ClippedHeadGradSums:
     cfg = Config(
         data=DataConfig(prompt_template=TEMPLATE, verbalizers=VERBALIZERS),
         model=ModelConfig(name=folder, dtype="float32", device="cpu"),
         privacy=PrivacyConfig(clip_norm=clip_norm),
-        targets=TargetsConfig(micro_batch_size=micro),
+        targets=TargetsConfig(micro_batch_size=micro, gradient=gradient),
     )
     return ClippedHeadGradSums(cfg)
 
@@ -80,7 +82,7 @@ def test_actor_clips_each_example_jointly_to_c(saved_arch):
     norms = torch.stack([g.double().norm() for g in grads])
     C = 0.5 * float(norms.min())  # every example is clipped
     actor = _actor(folder, C)
-    assert (actor.head[1] is not None) == lm.has_head_bias
+    assert (actor.space.b is not None) == lm.has_head_bias
     for i, (row, g) in enumerate(zip(TEXTS, grads, strict=True)):
         out = actor(_batch([row], first_row=i))
         assert list(out["label"]) == [row[1]] and list(out["rows_seen"]) == [1]
@@ -102,6 +104,54 @@ def test_actor_sums_per_class_over_micro_batches(saved_arch):
         expected = sum(grads[j].double() * min(1.0, C / float(grads[j].norm())) for j in members)
         torch.testing.assert_close(_flat(out, i), expected, rtol=1e-4, atol=1e-6 * C)
         assert out["rows_seen"][i] == len(members)
+
+
+def _brute_force_label_rows(lm) -> list[torch.Tensor]:
+    """Each example's label-rows gradient (rows S = sorted labels' verbalizer tokens), weight
+    and bias flattened jointly: autograd of the cross-entropy over the model's own logits at the
+    predicting position restricted to S."""
+    model = head_only_copy(lm)
+    head = model.get_output_embeddings()
+    params = [head.weight] + ([head.bias] if head.bias is not None else [])
+    labels = sorted(VERBALIZERS)
+    S = [lm.tokenizer(VERBALIZERS[lab], add_special_tokens=False)["input_ids"][0] for lab in labels]
+    out = []
+    for text, label in TEXTS:
+        ids, n = encode_pair(lm.tokenizer, format_prompt(TEMPLATE, text), VERBALIZERS[label])
+        logits = model(input_ids=torch.tensor([ids])).logits[0, n - 1, S].float()  # (K,)
+        loss = torch.nn.functional.cross_entropy(
+            logits.unsqueeze(0), torch.tensor([labels.index(label)])
+        )
+        out.append(torch.cat([g[S].flatten() for g in torch.autograd.grad(loss, params)]))
+    return out
+
+
+def test_actor_label_rows_clips_each_example_jointly_to_c(saved_arch):
+    """targets.gradient label_rows, one row per call: the emitted sum has shape (|S|, d)
+    (+ (|S|,)), norm C, and equals the brute-force label-rows gradient scaled to C; all rows in
+    one call: each class's sum is the sum of its rows' clipped gradients, every row's
+    contribution of norm <= C."""
+    lm, folder = saved_arch
+    grads = _brute_force_label_rows(lm)
+    norms = torch.stack([g.double().norm() for g in grads])
+    C = 0.5 * float(norms.min())
+    actor = _actor(folder, C, gradient="label_rows")
+    K, d = len(VERBALIZERS), lm.head.weight.shape[1]
+    for i, (row, g) in enumerate(zip(TEXTS, grads, strict=True)):
+        out = actor(_batch([row], first_row=i))
+        assert np.asarray(out["weight_sum"]).shape == (1, K, d)
+        assert ("bias_sum" in out) == lm.has_head_bias
+        emitted = _flat(out, 0)
+        assert emitted.norm().item() == pytest.approx(C, rel=1e-5)
+        torch.testing.assert_close(
+            emitted, g.double() * (C / g.double().norm()), rtol=1e-4, atol=1e-6 * C
+        )
+    C = float(norms.median())
+    out = _actor(folder, C, gradient="label_rows")(_batch(TEXTS))
+    for i, label in enumerate(out["label"]):
+        members = [j for j, (_, lab) in enumerate(TEXTS) if lab == label]
+        expected = sum(grads[j].double() * min(1.0, C / float(grads[j].norm())) for j in members)
+        torch.testing.assert_close(_flat(out, i), expected, rtol=1e-4, atol=1e-6 * C)
 
 
 def test_select_scorer_runs_on_these_heads(saved_arch, ray_session):

@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 
 from gradmm_ray.config import AdmmConfig
-from gradmm_ray.core.headgrad import head_logits, logits_grad, match_loss
 from gradmm_ray.core.lm import CausalLM
 from gradmm_ray.core.projection import project
+from gradmm_ray.core.target_space import TargetSpace, target_space
 from gradmm_ray.core.text import encode_continuation, encode_prompt
 
 
@@ -65,10 +65,11 @@ class SequenceLayout:
 
 @dataclass
 class Target:
-    """The noisy target gradient of one label, on the solver's device, fp32."""
+    """The noisy target gradient of one label, on the solver's device, fp32, in the released
+    target space (V rows for full_head, |S| for label_rows)."""
 
-    weight: Tensor  # (V, d)
-    bias: Tensor | None  # (V,)
+    weight: Tensor  # (V or |S|, d)
+    bias: Tensor | None  # (V or |S|,)
 
 
 @dataclass
@@ -86,9 +87,16 @@ class SolveResult:
 
 
 class MatchingObjective:
-    """f(X) per example for one label's layout and target: one forward, one backward."""
+    """f(X) per example for one label's layout and target: one forward, one backward. ``space``
+    is the target's (core.target_space; None = full_head)."""
 
-    def __init__(self, lm: CausalLM, layout: SequenceLayout, target: Target):
+    def __init__(
+        self,
+        lm: CausalLM,
+        layout: SequenceLayout,
+        target: Target,
+        space: TargetSpace | None = None,
+    ):
         self.lm = lm
         emb = lm.model.get_input_embeddings()
         dev = lm.device
@@ -106,8 +114,9 @@ class MatchingObjective:
         self.targets = ids(layout.completion_ids).unsqueeze(0)  # (1, T)
         self.mask = torch.ones((1, T), dtype=torch.bool, device=dev)
         self.T = T
-        self.W, self.b = lm.head_params_fp32()
-        self.tail = lm.logits_tail()
+        self.space = space or target_space("full_head", lm, {})
+        # The matched head parameters (W: (V or |S|, d)) and the logits tail.
+        self.W, self.b, self.tail = self.space.W, self.space.b, self.space.tail
         self.target = target
 
     def __call__(self, X: Tensor) -> Tensor:
@@ -129,13 +138,13 @@ class MatchingObjective:
         # contiguous: the head matmuls below then run as one GEMM, not as a batched bmm over a
         # strided view (2x faster objective, issue 14).
         A = hidden[:, start : start + self.T].float().contiguous()  # (N, T, d)
-        B = logits_grad(
-            head_logits(A, self.W, self.b),
+        return self.space.match_loss(
+            A,
             self.targets.expand(N, -1),
             self.mask.expand(N, -1),
-            self.tail,
+            self.target.weight,
+            self.target.bias,
         )
-        return match_loss(A, B, self.target.weight, self.target.bias)
 
     @torch.no_grad()
     def of_tokens(self, token_ids: Tensor, chunk: int = 64) -> Tensor:
@@ -191,13 +200,15 @@ def solve_batch(
     allowed: Tensor,
     objective: MatchingObjective | None = None,
     cached_projection: bool = True,
+    space: TargetSpace | None = None,
 ) -> list[SolveResult]:
     """Solve ADMM for examples of ONE label side by side. items: (synthetic_id, rho).
 
     ``objective`` and ``cached_projection`` exist for the benchmark's reference (another loss
-    of the same value, the projection re-running each prefix): same algorithm, same trajectory."""
+    of the same value, the projection re-running each prefix): same algorithm, same trajectory.
+    ``space``: the target's space (None = full_head), for the default objective."""
     start = time.perf_counter()
-    objective = objective or MatchingObjective(lm, layout, target)
+    objective = objective or MatchingObjective(lm, layout, target, space)
     N = len(items)
     dev = lm.device
     rho = torch.tensor([r for _, r in items], device=dev).view(-1, 1, 1)  # (N, 1, 1)

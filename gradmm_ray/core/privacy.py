@@ -49,6 +49,12 @@ INSECURE_WARNING = (
 )
 
 
+TARGET_SPACE_WORDS = {  # targets.gradient, for the record
+    "full_head": "next-token cross-entropy w.r.t. the whole head",
+    "label_rows": "cross-entropy over the label options w.r.t. the verbalizer tokens' head rows",
+}
+
+
 class InsecureNoiseWarning(UserWarning):
     """Issued on every run whose release is reproducible from the seed."""
 
@@ -230,7 +236,8 @@ class PrivacyRecord:
     noise_std_of_sum: float
     noise_source: str
     released: str
-    target_dims: int  # entries of one class's target: V·d (+ V with a head bias)
+    target_space: str  # targets.gradient: full_head (V rows of the head) or label_rows (|S|)
+    target_dims: int  # entries of one class's target: rows·d (+ rows with a head bias)
     # Per class: E‖noise‖ / ‖clean sum‖, estimated from the release (see noise_to_signal).
     noise_to_signal: dict[str, float]
     counts: str
@@ -249,6 +256,7 @@ def privacy_record(
     cfg: PrivacyConfig,
     *,
     deterministic_caps: bool,
+    target_space: str,
     target_dims: int,
     noise_to_signal: dict[str, float],
 ) -> PrivacyRecord:
@@ -292,7 +300,9 @@ def privacy_record(
             else "OS CSPRNG, fresh for this release, never recorded"
         ),
         released="per class: the sum of clipped per-example LM-head gradients (weight and bias "
-        "jointly) plus Gaussian noise; not divided by the class's count",
+        f"jointly; {TARGET_SPACE_WORDS[target_space]}) plus Gaussian noise; not divided by the "
+        "class's count",
+        target_space=target_space,
         target_dims=target_dims,
         noise_to_signal=dict(noise_to_signal),
         counts="not released: no count of real rows is recorded or printed",

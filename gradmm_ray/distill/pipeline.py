@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from gradmm_ray.config import Config
 from gradmm_ray.core.lm import load_model, load_tokenizer
+from gradmm_ray.core.target_space import single_token_ids
 from gradmm_ray.core.text import check_verbalizers
 from gradmm_ray.distill.audit import AUDIT_FILE, audit_table
 from gradmm_ray.distributed.targets import TARGETS_FILE, read_release_record
@@ -60,6 +61,8 @@ def prepare(cfg: Config, *, overwrite: bool) -> Prepared:
     source = resolve_model_source(cfg.model.name)
     tokenizer = load_tokenizer(source, cfg.model.revision, cfg.model.trust_remote_code)
     check_verbalizers(tokenizer, cfg.data.verbalizers)
+    if cfg.targets.gradient == "label_rows":
+        single_token_ids(tokenizer, cfg.data.verbalizers)  # one token per label, or DataError
     inputs = {"data": data_identity(cfg.data), "model": model_identity(cfg.model, source)}
     if mode == "resume":
         check_inputs(out, inputs)

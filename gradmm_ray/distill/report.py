@@ -18,7 +18,8 @@ NOISE_WARNING_RATIO = 1.0  # estimated noise norm / clean sum norm above which t
 def _noise_to_signal_sentence(p: dict) -> str:
     ratios = ", ".join(f"{k}: {v:.3g}" for k, v in p["noise_to_signal"].items())
     return (
-        f"Over the {p['target_dims']} entries of a class's target, the noise's norm is about "
+        f"Over the {p['target_dims']} entries of a class's target (target space "
+        f"{p.get('target_space', 'full_head')}), the noise's norm is about "
         f"{ratios} times the clean sum's (estimated from the release itself); above 1, matching "
         "mostly fits noise. "
     )

@@ -5,7 +5,7 @@ Scores per candidate (an actor pool, since they need the LM):
     ``prompt_template(text) + verbalizer(label)``, optionally after user-written few-shot
     demonstrations (paper Sec. 4.4, Appendix B);
   * ``match_loss``: the matching loss of the final training pair, tokenised as fine-tuning will
-    see it, against the released target of its label;
+    see it, against the released target of its label, in the released target's space;
   * ``log_ppl``: mean token NLL of the text under the LM given the label's generation prefix.
 
 The selection rules that follow are pure (gradmm_ray.core.selection). Reads the solves and the
@@ -19,9 +19,9 @@ import pyarrow as pa
 import torch
 
 from gradmm_ray.config import Config
-from gradmm_ray.core.headgrad import head_logits, logits_grad, match_loss
 from gradmm_ray.core.lm import load_model
 from gradmm_ray.core.scoring import completion_logprobs, few_shot_context
+from gradmm_ray.core.target_space import target_space
 from gradmm_ray.core.text import encode_pair, encode_prompt, format_prompt
 from gradmm_ray.distributed.ray_env import map_on_actor_pool
 
@@ -37,6 +37,9 @@ class CandidateScorer:
 
         self.lm = load_model(cfg.model, progress=False)
         self.head = self.lm.head_params_fp32()
+        self.space = target_space(
+            cfg.targets.gradient, self.lm, cfg.data.verbalizers, head=self.head
+        )
         self.targets = {
             label: (
                 t["weight"].to(self.lm.device),
@@ -88,9 +91,8 @@ class CandidateScorer:
                 encode_pair(tok, format_prompt(d.prompt_template, texts[i]), d.verbalizers[label])
                 for i in idx
             ]
-            A, targets, mask = self.lm.completion_states(pairs)
-            B = logits_grad(head_logits(A, *self.head), targets, mask, self.lm.logits_tail())
-            final_loss[idx] = match_loss(A, B, *self.targets[label]).cpu()
+            states = self.lm.completion_states(pairs)  # A (n, T, d), targets, mask
+            final_loss[idx] = self.space.match_loss(*states, *self.targets[label]).cpu()
         out = dict(batch)
         out["label_prob"] = label_prob.numpy()
         out["predicted_label"] = np.array(top_label, dtype=object)

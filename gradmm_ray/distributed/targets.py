@@ -24,7 +24,6 @@ import torch
 from tqdm.auto import tqdm
 
 from gradmm_ray.config import Config
-from gradmm_ray.core.headgrad import clipped_sum_of_pairs
 from gradmm_ray.core.lm import load_model
 from gradmm_ray.core.privacy import (
     PrivacyRecord,
@@ -36,6 +35,7 @@ from gradmm_ray.core.privacy import (
     release_noisy_sums,
     sampling_seed,
 )
+from gradmm_ray.core.target_space import target_space
 from gradmm_ray.core.text import encode_pair
 from gradmm_ray.distributed.ray_env import map_on_actor_pool
 from gradmm_ray.errors import OutputError
@@ -48,11 +48,12 @@ TARGETS_RECORD = "targets.json"
 
 class ClippedHeadGradSums:
     """Ray Data actor: a batch of real rows in, one row per class seen out (label, rows_seen,
-    sums of the clipped gradients of the rows the Poisson sample kept)."""
+    sums of the clipped gradients of the rows the Poisson sample kept), in the target space
+    ``targets.gradient`` names (weight (V or |S|, d), bias (V or |S|,))."""
 
     def __init__(self, cfg: Config):
         self.lm = load_model(cfg.model, progress=False)
-        self.head = self.lm.head_params_fp32()
+        self.space = target_space(cfg.targets.gradient, self.lm, cfg.data.verbalizers)
         self.template = cfg.data.prompt_template
         self.verbalizers = cfg.data.verbalizers
         self.clip_norm = cfg.privacy.clip_norm
@@ -72,7 +73,7 @@ class ClippedHeadGradSums:
         }
         keep = poisson_keep(batch["row"], self.sample_rate, seed=self.sample_seed)
         texts, labels = batch["text"][keep], all_labels[keep]
-        W, b = self.head
+        W, b = self.space.W, self.space.b
         sums = {}  # a class seen but not sampled still gets (zero) sums
         for lab in seen:
             rows = texts[labels == lab]
@@ -88,7 +89,7 @@ class ClippedHeadGradSums:
                     )
                     for t in rows[start : start + self.micro]
                 ]
-                part_w, part_b = clipped_sum_of_pairs(self.lm, self.head, pairs, self.clip_norm)
+                part_w, part_b = self.space.clipped_sum_of_pairs(self.lm, pairs, self.clip_norm)
                 s_w += part_w
                 s_b += part_b
             sums[lab] = (s_w, s_b)
@@ -155,6 +156,7 @@ def run_targets(
     record = privacy_record(
         cfg.privacy,
         deterministic_caps=cfg.data.per_class is not None or cfg.data.max_examples is not None,
+        target_space=cfg.targets.gradient,
         target_dims=sum(t.numel() for t in next(iter(targets.values())).values()),
         noise_to_signal={label: noise_to_signal(t, std) for label, t in targets.items()},
     )
