@@ -145,7 +145,9 @@ class AdmmConfig:
     init_candidates: int = _result(32)
     projection: str = _result("reference")  # paper | reference
     topk: int = _result(200)
-    word_like_only: bool = _result(False)
+    # true: alphabetic tokens only (the paper's setting); auto: true for real vocabularies (over
+    # core.projection.AUTO_WORD_LIKE_MIN_VOCAB tokens, where byte fragments would decode to U+FFFD)
+    word_like_only: bool | str = _result("auto")
 
 
 @dataclass(frozen=True)
@@ -536,6 +538,10 @@ def validate(cfg: Config) -> list[str]:
         f"admm.projection: got {a.projection!r}, expected one of {PROJECTION_RULES}",
     )
     need(a.topk >= 1, f"admm.topk: got {a.topk}, expected >= 1")
+    need(
+        isinstance(a.word_like_only, bool) or a.word_like_only == "auto",
+        f"admm.word_like_only: got {a.word_like_only!r}, expected true, false or auto",
+    )
     need(
         cfg.solve.candidates_per_class >= 1,
         f"solve.candidates_per_class: got {cfg.solve.candidates_per_class}, expected >= 1",

