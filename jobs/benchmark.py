@@ -22,7 +22,7 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from gradmm_ray.bench import gpu, harness, projection, scaling, stage1, stage2  # noqa: E402
+from gradmm_ray.bench import gpu, harness, peers, projection, scaling, stage1, stage2  # noqa: E402
 
 SUITES = {
     "stage1": harness.Suite(stage1.suite, help=stage1.HELP),
@@ -30,10 +30,11 @@ SUITES = {
     "projection": harness.Suite(projection.suite, needs_lm=True, help=projection.HELP),
     "scaling": harness.Suite(scaling.suite, help=scaling.HELP),
     "gpu": harness.Suite(gpu.suite, help=gpu.HELP),
+    "peers": harness.Suite(peers.suite, needs_lm=True, help=peers.HELP),
 }
-HELP_ORDER = ("stage1", "stage2", "projection", "gpu", "scaling")
+HELP_ORDER = ("stage1", "stage2", "projection", "peers", "gpu", "scaling")
 HELP = (
-    "suites (default: all five; results are merged into an existing --json file by suite):\n\n"
+    "suites (default: all six; results are merged into an existing --json file by suite):\n\n"
     + "\n".join(SUITES[name].help for name in HELP_ORDER)
     + "\n"
     + harness.COMMON_HELP

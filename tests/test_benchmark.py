@@ -48,3 +48,23 @@ def test_quick_benchmark_fields_and_exactness(tmp_path):
     assert gpu["seconds_per_example"] > 0 and gpu["peak_mem_bytes"] >= 0
     assert gpu["model"]["dtype"] == "bfloat16"
     assert gpu["paper_run_items"] == 2 * 100 * 3  # paper_sst2.yaml: 2 classes x 100 x 3 rho
+
+
+def test_quick_peers_suite_fields_and_opacus_exactness(tmp_path):
+    """--suite peers --quick: Opacus ghost clipping's clipped head-gradient sum equals ours, and
+    every documented timing field is there."""
+    res = run_benchmark(tmp_path / "peers.json", "peers")["peers"]
+    assert res["stage1_rel_error_opacus"] < 1e-4
+    assert set(res["stage1_seconds"]) == {"ours", "opacus_ghost", "forward_floor"}
+    assert set(res["stage2_seconds"]) == {"ours", "authors", "authors_lean", "fwd_bwd_floor"}
+    assert set(res["stage2_step_seconds"]) == set(res["stage2_seconds"])
+    assert all(v > 0 for v in [*res["stage1_seconds"].values(), *res["stage2_seconds"].values()])
+    for key in (
+        "stage1_opacus_over_ours",
+        "stage1_floor_fraction",
+        "stage2_authors_over_ours",
+        "stage2_floor_over_ours",
+        "stage1_rel_error_opacus",
+    ):
+        assert res["goals"][key]["value"] == res[key]
+        assert isinstance(res["goals"][key]["met"], bool)

@@ -8,6 +8,8 @@
               gradients): the tests' brute-force twins use the same functions
   stage1, stage2, projection, scaling, gpu
               one module per suite: its methods, its JSON fields (``HELP``) and its goals
+  peers       against outside code and the limit (issue 14): Opacus ghost clipping, our
+              re-creation of the authors' joint-gradient approach, forward / fwd+bwd floors
 
 Nothing here is imported by the pipeline; ``scaling`` alone imports Ray.
 """
