@@ -128,10 +128,7 @@ class ReferenceObjective(MatchingObjective):
         N, T = X.shape[0], self.T
         create_graph = torch.is_grad_enabled() and X.requires_grad
         with torch.enable_grad():
-            parts = [self.prefix, X.to(self.prefix.dtype), self.suffix, self.completion]
-            embeds = torch.cat([p.expand(N, -1, -1) for p in parts], dim=1)  # (N, L, d)
-            attention = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-            hidden = self.lm.hidden_states(inputs_embeds=embeds, attention_mask=attention)
+            hidden = self.sequence_states(X)  # (N, L, d)
             A = hidden[:, -T - 1 : -1].float()  # (N, T, d): the states predicting the completion
             # One head copy per example (a broadcast view), so that autograd.grad gives the
             # per-example gradients (N, V, d) rather than their batch sum.

@@ -119,21 +119,18 @@ class MatchingObjective:
         self.W, self.b, self.tail = self.space.W, self.space.b, self.space.tail
         self.target = target
 
+    def sequence_states(self, X: Tensor) -> Tensor:
+        """Hidden states fed to the head for prefix + X + suffix + completion, (N, L, d)."""
+        N = X.shape[0]
+        parts = [self.prefix, X.to(self.prefix.dtype), self.suffix, self.completion]
+        embeds = torch.cat([p.expand(N, -1, -1) for p in parts], dim=1)  # (N, L, d)
+        attention = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return self.lm.hidden_states(inputs_embeds=embeds, attention_mask=attention)
+
     def __call__(self, X: Tensor) -> Tensor:
         """X (N, n, d) -> matching loss (N,)."""
         N, n, _ = X.shape
-        dt = self.prefix.dtype
-        embeds = torch.cat(
-            [
-                self.prefix.expand(N, -1, -1),
-                X.to(dt),
-                self.suffix.expand(N, -1, -1),
-                self.completion.expand(N, -1, -1),
-            ],
-            dim=1,
-        )  # (N, L, d)
-        attention = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        hidden = self.lm.hidden_states(inputs_embeds=embeds, attention_mask=attention)
+        hidden = self.sequence_states(X)
         start = self.n_fixed_before + n + self.n_after - 1  # predicts the first completion token
         # contiguous: the head matmuls below then run as one GEMM, not as a batched bmm over a
         # strided view (2x faster objective, issue 14).
