@@ -276,6 +276,8 @@ def test_label_rows_refuses_a_multi_token_verbalizer(capsys, out):
     fails(
         capsys,
         [
+            "--config",
+            "tiny",
             "--set",
             "targets.gradient=label_rows",
             "--set",

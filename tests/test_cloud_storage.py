@@ -17,6 +17,7 @@ from gradmm_ray.models.tiny import ensure_tiny_model
 
 BUCKET = "gradmm-test"
 FAST = [
+    "--config", "tiny",  # the fastest settings (the defaults run SmolLM2)
     "--set", "data.per_class=6",
     "--set", "privacy.epsilon=.inf",  # per_class is a deterministic cap: only without noise
     "--set", "solve.candidates_per_class=2",

@@ -38,20 +38,24 @@ def config_error(*layers) -> str:
 
 
 def test_defaults_are_the_embedded_demo():
-    """The defaults: bundled sample data, the tiny model, the documented template and privacy."""
+    """The defaults: bundled sample data, SmolLM2, the documented template, privacy and the
+    measured solver settings (README: "Choosing the defaults")."""
     cfg = Config()
     assert cfg.data.source == "sample"
     assert cfg.data.split == "train"
-    assert cfg.data.prompt_template == "{text} It was"
+    assert cfg.data.prompt_template == "Review: {text}\nSentiment:"
     assert cfg.data.text_column == "text"
     assert cfg.data.label_column == "label"
     assert cfg.data.label_names is None
-    assert cfg.data.verbalizers == {"positive": " great", "negative": " bad"}
-    assert cfg.model.name == "tiny"
+    assert cfg.data.verbalizers == {"positive": " positive", "negative": " negative"}
+    assert cfg.data.generation_chat == "auto"
+    assert cfg.model.name == "smollm2-135m"
+    assert cfg.targets.gradient == "label_rows"
     assert (cfg.privacy.epsilon, cfg.privacy.delta, cfg.privacy.clip_norm) == (1.0, 1e-4, 1.0)
     assert cfg.privacy.adjacency == "add_remove"
     assert cfg.admm.rho == (1.0,)
-    assert cfg.admm.projection == "reference"
+    assert (cfg.admm.projection, cfg.admm.topk) == ("paper", 3)
+    assert (cfg.admm.outer_iters, cfg.admm.inner_steps) == (5, 10)
     assert cfg.select.label_check is True
     assert cfg.output == "outputs/demo"
     assert cfg.seed == 0
@@ -378,6 +382,8 @@ def test_type_error_through_set():
         ({"stages": ["targets", "finetune"]}, ["stages", "'finetune'", "targets", "select"]),
         ({"stages": []}, ["stages", "[]", "one or more"]),
         ({"data": {"prompt_template": "no field"}}, ["data.prompt_template", "'no field'"]),
+        ({"data": {"generation_chat": "maybe"}}, ["data.generation_chat", "'maybe'", "auto"]),
+        ({"select": {"balance_tolerance": -0.1}}, ["select.balance_tolerance", "got -0.1", ">= 0"]),
         ({"data": {"per_class": 1}}, ["data.per_class", "got 1", ">= 2"]),
         ({"data": {"per_class": 8}}, ["data.per_class", "got 8", "privacy.sample_rate", "Poisson"]),
         ({"data": {"max_examples": 8}}, ["data.max_examples", "breaks the privacy guarantee"]),
@@ -526,7 +532,7 @@ def test_every_config_field_says_whether_it_changes_results():
         for key in (value if isinstance(value, dict) else [None])
     }
     assert leaves == kept
-    assert fingerprint["targets"] == {"gradient": "full_head"}  # the target space only
+    assert fingerprint["targets"] == {"gradient": "label_rows"}  # the target space only
 
 
 def test_pool_config_is_shared_by_the_three_stages():

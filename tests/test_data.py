@@ -441,7 +441,9 @@ def test_stage1_pads_micro_batches_to_at_most_max_tokens():
     batch = {"text": texts, "label": np.array(["positive", "negative", "negative"], dtype=object)}
     batch["row"] = np.arange(3)
     for max_tokens, limit in ((None, 256), (64, 64)):
-        cfg = build_config({"model": {"device": "cpu"}, "data": {"max_tokens": max_tokens}})
+        cfg = build_config(
+            {"model": {"name": "tiny", "device": "cpu"}, "data": {"max_tokens": max_tokens}}
+        )
         actor = ClippedHeadGradSums(cfg)
         widths = []
         states = actor.lm.completion_states

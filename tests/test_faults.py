@@ -67,6 +67,7 @@ KILL_TRIGGER_TIMEOUT = 150  # seconds to wait for the moment to inject a fault
 # Small settings (see FAST in test_pipeline.py); each solve takes long enough that a fault lands
 # while solves are still in flight.
 ADMM = [
+    "--config", "tiny",  # the fastest settings (the defaults run SmolLM2)
     "--set", "admm.outer_iters=3",
     "--set", "admm.inner_steps=12",
     "--set", "admm.init_candidates=4",

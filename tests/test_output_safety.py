@@ -171,7 +171,13 @@ def _started_run(tmp_path: Path, data: str, model: str = "tiny") -> tuple[Path, 
 
 def test_unchanged_inputs_resume(tmp_path):
     out, _ = _started_run(tmp_path, write_jsonl(tmp_path / "d.jsonl", good_rows()))
-    cfg = build_config({"data": {"source": str(tmp_path / "d.jsonl")}, "output": str(out)})
+    cfg = build_config(
+        {
+            "data": {"source": str(tmp_path / "d.jsonl")},
+            "model": {"name": "tiny"},
+            "output": str(out),
+        }
+    )
     assert pipeline.prepare(cfg, overwrite=False).mode == "resume"
 
 

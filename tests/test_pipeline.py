@@ -23,6 +23,7 @@ CANARY = "zqxj canary wombat"
 
 # Small but complete settings: every stage and rule runs, in seconds.
 FAST = [
+    "--config", "tiny",  # the fastest settings (the defaults run SmolLM2)
     "--set", "solve.candidates_per_class=3",
     "--set", "admm.outer_iters=3",
     "--set", "admm.inner_steps=4",

@@ -181,13 +181,13 @@ def test_balance_three_classes_and_never_empties():
     assert ids(balance_classes(single, 0.0)) == [0, 1, 2]
 
 
-def balance_by_popping(rows: list[dict]) -> list[dict]:
+def balance_by_popping(rows: list[dict], tolerance: float = 0.0) -> list[dict]:
     """The rule as written (quadratic): pop each class's worst row while its mean is above the
-    lowest class mean, keeping one."""
+    lowest class mean times (1 + tolerance), keeping one."""
     by_label: dict[str, list[dict]] = {}
     for r in sorted(rows, key=lambda r: (r["match_loss"], r["synthetic_id"])):
         by_label.setdefault(r["label"], []).append(r)
-    floor = min(np.mean([r["match_loss"] for r in m]) for m in by_label.values())
+    floor = min(np.mean([r["match_loss"] for r in m]) for m in by_label.values()) * (1 + tolerance)
     for members in by_label.values():
         while len(members) > 1 and np.mean([r["match_loss"] for r in members]) > floor:
             members.pop()
@@ -196,16 +196,30 @@ def balance_by_popping(rows: list[dict]) -> list[dict]:
 
 def test_balance_matches_the_rule_as_written_on_random_tables():
     """The O(n log n) prefix-mean balance keeps exactly the rows the literal popping loop keeps,
-    over 300 random tables with 2-4 classes and many ties (scores on a 1/8 grid: exact sums)."""
+    over 300 random tables with 2-4 classes and many ties (scores on a 1/8 grid: exact sums),
+    with no tolerance (the paper's rule) and with one."""
     rng = random.Random(0)
-    for _ in range(300):
+    for trial in range(300):
+        tolerance = 0.0 if trial % 2 else 0.25
         labels = [f"c{i}" for i in range(rng.randint(2, 4))]
         rows = [
             row(i, rng.choice(labels), rng.randint(0, 16) / 8) for i in range(rng.randint(2, 40))
         ]
         if len({r["label"] for r in rows}) < 2:
             continue
-        assert ids(balance_classes(rows, 0.0)) == ids(balance_by_popping(rows))
+        assert ids(balance_classes(rows, 0.0, tolerance)) == ids(
+            balance_by_popping(rows, tolerance)
+        )
+
+
+def test_balance_tolerance_keeps_a_class_within_it_and_cuts_one_beyond():
+    """A class 2% above the lowest mean keeps its rows with tolerance 0.05 and loses its worst
+    under the paper's strict rule; 10% above loses it under both."""
+    near = [row(0, "a", 0.100), row(1, "a", 0.100), row(2, "b", 0.096), row(3, "b", 0.108)]
+    assert ids(balance_classes(near, 0.0, 0.05)) == [0, 1, 2, 3]
+    assert ids(balance_classes(near, 0.0, 0.0)) == [0, 1, 2]
+    far = [row(0, "a", 0.100), row(1, "a", 0.100), row(2, "b", 0.100), row(3, "b", 0.120)]
+    assert ids(balance_classes(far, 0.0, 0.05)) == [0, 1, 2]
 
 
 def test_balance_unchanged_when_balanced_or_single_class():
@@ -305,7 +319,7 @@ def _expected_steps(rows: list[dict], cfg: SelectConfig) -> list[tuple[str, list
         rows = top_per_class(rows, cfg.per_class, w)
         steps.append(("top_per_class", rows))
     if cfg.balance:
-        rows = balance_classes(rows, w)
+        rows = balance_classes(rows, w, cfg.balance_tolerance)
         steps.append(("balance", rows))
     return steps
 
@@ -397,6 +411,7 @@ def test_select_rows_invariants_random(seed, flags):
         assert {r["label"] for r in out} == present
         if len(present) >= 2:
             floor = min(np.mean([score(r) for r in before if r["label"] == lab]) for lab in present)
+            floor *= 1 + cfg.balance_tolerance
             for lab in present:
                 members = [score(r) for r in out if r["label"] == lab]
                 if len(members) > 1:

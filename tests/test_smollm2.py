@@ -124,16 +124,40 @@ def test_default_mask_has_no_byte_fragments_on_smollm2(smol, tiny_lm):
     )
 
 
-def test_smollm2_rt_preset_verbalizers_are_single_tokens(smol):
-    """The smollm2_rt preset's verbalizers are one token each (targets.gradient: label_rows
-    needs it) and its prompt starts the sequence with text (no BOS: an empty template prefix)."""
-    from gradmm_ray.config import build_config, load_yaml
-    from gradmm_ray.presets import preset_path
+def test_default_verbalizers_are_single_tokens_under_smollm2(smol):
+    """The defaults' verbalizers are one token each under SmolLM2 (the default
+    targets.gradient, label_rows, needs it)."""
+    from gradmm_ray.config import Config
 
-    cfg = build_config(load_yaml(preset_path("smollm2_rt.yaml")))
+    cfg = Config()
     assert cfg.model.name == SMOLLM2 and cfg.targets.gradient == "label_rows"
     for completion in cfg.data.verbalizers.values():
         assert len(smol.tokenizer(completion, add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_generation_prefix_is_a_chat_turn_for_an_instruct_tokenizer_and_plain_otherwise(
+    smol, tiny_lm
+):
+    """generation_chat auto: SmolLM2-Instruct's chat template wraps the prefix as a user turn
+    followed by the assistant's turn (its special tokens once each, none added twice); the tiny
+    tokenizer has no template, so the prefix stays plain text; true without a template is one
+    DataError naming the field."""
+    from gradmm_ray.core.text import encode_generation_prefix, encode_prompt
+    from gradmm_ray.errors import DataError
+
+    tok = smol.tokenizer
+    prefix = "Write one sentence of a positive movie review."
+    ids = encode_generation_prefix(tok, prefix, "auto")
+    text = tok.decode(ids)
+    assert text.endswith(f"<|im_start|>user\n{prefix}<|im_end|>\n<|im_start|>assistant\n")
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    assert ids[0] == start and ids.count(start) == 3  # system, user, assistant
+    assert encode_generation_prefix(tok, prefix, False) == encode_prompt(tok, prefix)
+    assert encode_generation_prefix(tiny_lm.tokenizer, prefix, "auto") == encode_prompt(
+        tiny_lm.tokenizer, prefix
+    )
+    with pytest.raises(DataError, match="data.generation_chat"):
+        encode_generation_prefix(tiny_lm.tokenizer, prefix, True)
 
 
 # rt-snippets-like rows (the format of ../shared/data/rt-snippets): string labels, short reviews.
@@ -149,14 +173,14 @@ RT_ROWS = [
 ]
 
 
-def test_smollm2_rt_end_to_end_through_the_cli(smol, ray_session, tmp_path):
-    """`--config smollm2_rt` with tiny ADMM settings on a small rt-snippets-like JSONL: every
+def test_smollm2_end_to_end_through_the_cli(smol, ray_session, tmp_path):
+    """The defaults (SmolLM2) with tiny ADMM settings on a small rt-snippets-like JSONL: every
     stage runs on SmolLM2, synthetic.parquet has the contract's columns, and no text contains
     U+FFFD (the default mask keeps byte fragments out)."""
     data = tmp_path / "rt.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in RT_ROWS))
     out = tmp_path / "out"
-    argv = ["--config", "smollm2_rt", "--data", str(data), "--output", str(out)]
+    argv = ["--data", str(data), "--output", str(out)]
     tiny = {
         "solve.candidates_per_class": 2,
         "admm.outer_iters": 2,

@@ -14,7 +14,7 @@ from gradmm_ray.entry import EXIT_FAILED
 from gradmm_ray.models.tiny import ensure_tiny_model
 
 # A few rows suffice; a per-class cap is allowed only without noise (not under test here).
-SMALL = ["--set", "data.per_class=4", "--set", "privacy.epsilon=.inf"]
+SMALL = ["--config", "tiny", "--set", "data.per_class=4", "--set", "privacy.epsilon=.inf"]
 ONE_CPU_ACTOR = PoolConfig(min_actors=1, max_actors=1, num_gpus=0, num_cpus=1)
 
 

@@ -27,7 +27,7 @@ from gradmm_ray.config import AdmmConfig
 from gradmm_ray.core.lm import CausalLM
 from gradmm_ray.core.projection import project
 from gradmm_ray.core.target_space import TargetSpace, target_space
-from gradmm_ray.core.text import encode_continuation, encode_prompt
+from gradmm_ray.core.text import encode_continuation, encode_generation_prefix, encode_prompt
 
 
 def example_seed(seed: int, synthetic_id: int) -> int:
@@ -47,7 +47,12 @@ class SequenceLayout:
 
     @classmethod
     def build(
-        cls, tokenizer, template: str, completion: str, generation_prefix: str
+        cls,
+        tokenizer,
+        template: str,
+        completion: str,
+        generation_prefix: str,
+        generation_chat: bool | str = "auto",
     ) -> SequenceLayout:
         # The rule of core.text: what starts the sequence gets the tokenizer's special tokens,
         # what continues it none. One difference, on purpose: the training pair (encode_pair)
@@ -59,7 +64,7 @@ class SequenceLayout:
             prefix_ids=encode_prompt(tokenizer, before),
             suffix_ids=encode_continuation(tokenizer, after) if after else [],
             completion_ids=encode_continuation(tokenizer, completion),
-            generation_ids=encode_prompt(tokenizer, generation_prefix),
+            generation_ids=encode_generation_prefix(tokenizer, generation_prefix, generation_chat),
         )
 
 

@@ -26,6 +26,27 @@ def encode_continuation(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def encode_generation_prefix(tokenizer, prefix: str, chat: bool | str) -> list[int]:
+    """Ids of a label's generation prefix (it conditions the LM during projection only).
+
+    ``chat`` true, or "auto" with a tokenizer that has a chat template: the prefix is an
+    instruction in a user turn of that template, followed by the assistant's turn, so an
+    instruction-tuned model answers it (SmolLM2-Instruct writes on-topic, on-label sentences;
+    given the bare prefix it drifts). Otherwise the prefix is plain text that starts a sequence."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat is True and not has_template:
+        raise DataError(
+            "data.generation_chat: true, but the model's tokenizer has no chat template "
+            "(set it to auto or false)"
+        )
+    if chat is False or (chat == "auto" and not has_template):
+        return encode_prompt(tokenizer, prefix)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prefix}], tokenize=False, add_generation_prompt=True
+    )
+    return encode_continuation(tokenizer, text)  # the template writes its own special tokens
+
+
 def encode_pair(
     tokenizer,
     prompt: str,

@@ -22,7 +22,7 @@ from gradmm_ray.config import Config
 from gradmm_ray.core.lm import load_model
 from gradmm_ray.core.scoring import completion_logprobs, few_shot_context
 from gradmm_ray.core.target_space import target_space
-from gradmm_ray.core.text import encode_pair, encode_prompt, format_prompt
+from gradmm_ray.core.text import encode_generation_prefix, encode_pair, format_prompt
 from gradmm_ray.distributed.ray_env import map_on_actor_pool
 
 # ---------------------------------------------------------------------------------------------
@@ -76,10 +76,15 @@ class CandidateScorer:
         label_prob = probs.gather(1, own.unsqueeze(1)).squeeze(1)
         top_label = [self.labels[i] for i in probs.argmax(dim=1).tolist()]
         # Perplexity of the text given its label's generation prefix.
-        gen = [encode_prompt(tok, d.generation_prefix.format(label=lab)) for lab in labels]
+        gen = {
+            lab: encode_generation_prefix(
+                tok, d.generation_prefix.format(label=lab), d.generation_chat
+            )
+            for lab in set(labels)
+        }
         ppl_pairs = [
             (g + [int(x) for x in ids], len(g))
-            for g, ids in zip(gen, batch["token_ids"], strict=True)
+            for g, ids in zip((gen[lab] for lab in labels), batch["token_ids"], strict=True)
         ]
         total, count = completion_logprobs(self.lm, self.head, ppl_pairs)
         log_ppl = -(total / count)

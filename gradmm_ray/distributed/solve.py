@@ -119,6 +119,7 @@ class AdmmSolver:
                 d.prompt_template,
                 d.verbalizers[label],
                 d.generation_prefix.format(label=label),
+                d.generation_chat,
             )
             for label in released
         }

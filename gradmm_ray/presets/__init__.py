@@ -1,8 +1,9 @@
 """Presets shipped inside the package (package data, so an installed wheel has them too):
 
-  demo.yaml              the distill demo's settings, spelled out (the defaults)
+  demo.yaml              the distill demo's settings, spelled out (the defaults: SmolLM2-135M
+                         on a CPU)
   paper_sst2.yaml        GRADMM as in the paper: Phi-1.5 on SST-2, on a GPU cluster
-  smollm2_rt.yaml        SmolLM2-135M on rt-snippets-like data, small settings for a CPU
+  tiny.yaml              the project's 2-layer model: the fastest settings, for tests
   deepspeed_zero2.json   DeepSpeed ZeRO-2 for finetune (``workers.deepspeed_config: zero2``)
   deepspeed_zero3.json   DeepSpeed ZeRO-3 (parameters partitioned too)
 

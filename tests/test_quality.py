@@ -1,0 +1,144 @@
+"""The quality benchmark's protocol (a) and set construction (gradmm_ray/bench/last_layer.py,
+gradmm_ray/bench/quality.py) against brute force: the fine-tuning job's own classification loss
+through the whole model, a literal per-example loop, and hand-built cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradmm_ray.bench import last_layer
+from gradmm_ray.bench.quality import GenerationRun, compare, gradmm_groups
+from gradmm_ray.core.text import format_prompt
+from gradmm_ray.core.training import Example, classification_loss, label_targets, option_scores
+
+TEMPLATE = "{text} It was"
+VERBALIZERS = {"positive": " great", "negative": " bad"}  # one token each under tiny
+ROWS = [
+    ("The plot was dull.", "negative"),
+    ("What a charming film with warm and tender moments.", "positive"),
+    ("A shrill, exhausting comedy that never stops yelling.", "negative"),
+    ("I found the cast very sharp.", "positive"),
+    ("Overall a messy comedy.", "positive"),
+]
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2", "phi", "gemma2"])
+def lm(request, tiny_archs):
+    return tiny_archs[request.param]
+
+
+def features(lm, batch_size=2):
+    return last_layer.label_position_states(
+        lm,
+        [t for t, _ in ROWS],
+        [lab for _, lab in ROWS],
+        template=TEMPLATE,
+        verbalizers=VERBALIZERS,
+        max_tokens=64,
+        batch_size=batch_size,
+    )
+
+
+def test_two_way_loss_on_features_is_the_finetune_jobs_classification_loss(lm):
+    """The protocol's claim: on single-token verbalizers the fine-tuning job's loss (whole model,
+    log-likelihood over the vocabulary, per option) equals the two-way cross-entropy on W_S h."""
+    feats = features(lm)
+    head = last_layer.LabelHead.of(lm, VERBALIZERS)
+    examples = [
+        Example(format_prompt(TEMPLATE, t), VERBALIZERS[lab], lab, f"test:{i}")
+        for i, (t, lab) in enumerate(ROWS)
+    ]
+    with torch.no_grad():
+        scores = option_scores(lm.model, lm.tokenizer, examples, VERBALIZERS, lm.device)
+        expected = classification_loss(scores, label_targets(examples, VERBALIZERS, lm.device))
+        got = torch.nn.functional.cross_entropy(
+            last_layer.option_logits(head.W, head.b, head.tail, feats.h), feats.y
+        )
+    torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-6)
+    # and the decision: accuracy from the scores == accuracy from the features
+    assert last_layer.accuracy(head.W, head.b, head.tail, feats) == pytest.approx(
+        float((scores.argmax(-1) == feats.y).float().mean())
+    )
+
+
+def test_features_do_not_depend_on_batching(tiny_lm):
+    one = features(tiny_lm, batch_size=1)
+    many = features(tiny_lm, batch_size=4)
+    torch.testing.assert_close(one.h, many.h, rtol=1e-5, atol=1e-5)
+    assert one.y.tolist() == [0, 1, 0, 1, 1]  # sorted labels: negative, positive
+
+
+def test_mean_gradient_is_the_mean_of_per_example_gradients():
+    g = torch.Generator().manual_seed(0)
+    data = last_layer.Features(torch.randn(7, 5, generator=g), torch.tensor([0, 1, 1, 0, 1, 0, 0]))
+    W, b = torch.randn(2, 5, generator=g), torch.randn(2, generator=g)
+    per = []
+    for i in range(7):
+        Wi = W.clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(
+            (data.h[i] @ Wi.T + b).unsqueeze(0), data.y[i : i + 1]
+        )
+        per.append(torch.autograd.grad(loss, Wi)[0])
+    torch.testing.assert_close(last_layer.mean_gradient(W, b, None, data), torch.stack(per).mean(0))
+    err = last_layer.gradient_error(torch.stack(per).mean(0) * 2, torch.stack(per).mean(0))
+    assert err["relative"] == pytest.approx(1.0) and err["cosine_distance"] == pytest.approx(
+        0.0, abs=1e-6
+    )
+
+
+def test_training_fits_a_separable_set_and_lr_zero_changes_nothing():
+    g = torch.Generator().manual_seed(1)
+    y = torch.tensor([0, 1] * 20)
+    h = torch.randn(40, 6, generator=g) + 3.0 * torch.stack(
+        [y * 2.0 - 1.0] + [torch.zeros(40)] * 5, 1
+    )
+    data = last_layer.Features(h, y)
+    head = last_layer.LabelHead(torch.zeros(2, 6), None, None)
+    run = last_layer.train(
+        head, data, lr=0.05, steps=50, eval_every=10, dev=data, test=data, reference=data
+    )
+    assert run.steps == [0, 10, 20, 30, 40, 50]
+    assert run.dev[0] == 0.5 and run.test[-1] == 1.0  # all-zero head: ties go to class 0
+    assert run.grad_error[0]["relative"] == pytest.approx(0.0, abs=1e-6)  # the set IS the reference
+    frozen = last_layer.train(head, data, lr=0.0, steps=20, eval_every=10, dev=data, test=data)
+    assert frozen.test == [0.5, 0.5, 0.5] and frozen.grad_error == []
+
+
+def test_best_on_dev_averages_seeds_and_breaks_ties_to_the_smaller_lr_and_earlier_step():
+    def run(dev):
+        return last_layer.Trajectory(lr=0.0, steps=list(range(len(dev))), dev=dev, test=dev)
+
+    runs = [
+        [run([0.5, 0.7, 0.7]), run([0.5, 0.5, 0.7])],  # lr 0: best mean 0.7 at step 2
+        [run([0.5, 0.9, 0.5]), run([0.5, 0.5, 0.5])],  # lr 1: best mean 0.7 at step 1 (a tie)
+        [run([0.6, 0.6, 0.6]), run([0.6, 0.6, 0.6])],
+    ]
+    assert last_layer.best_on_dev(runs) == (0, 2)
+    runs[2][0].dev[0] = 0.9  # lr 2 step 0: mean 0.75
+    assert last_layer.best_on_dev(runs) == (2, 0)
+
+
+def test_gradmm_groups_are_disjoint_and_keep_the_k_lowest_losses_per_class():
+    rows = [
+        {"id": i, "label": "positive" if i % 2 else "negative", "match_loss": (i * 37 % 11) / 10}
+        for i in range(30)
+    ]
+    groups = gradmm_groups(rows, k=2, groups=3)
+    ids = [r["id"] for g in groups for r in g]
+    assert len(ids) == len(set(ids)) == 12
+    for gi, group in enumerate(groups):
+        for label in ("negative", "positive"):
+            mine = [r for r in rows if r["label"] == label and r["id"] % 3 == gi]
+            want = sorted(mine, key=lambda r: (r["match_loss"], r["id"]))[:2]
+            assert [r for r in group if r["label"] == label] == want
+
+
+def test_compare_and_run_specs():
+    a = {"test_accuracy": 0.80, "test_accuracy_se": 0.03}
+    b = {"test_accuracy": 0.75, "test_accuracy_se": 0.04}
+    assert compare(a, b) == {"diff": 0.05, "se": 0.05, "in_se": 1.0}
+    assert compare(a, {"test_accuracy": 0.7, "test_accuracy_se": None}) is None
+    assert GenerationRun.parse("label_rows:50:inf").name == "label_rows/m50/epsinf"
+    with pytest.raises(SystemExit, match="SPACE:M:EPSILON"):
+        GenerationRun.parse("label_rows:fifty:inf")
