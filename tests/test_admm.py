@@ -33,9 +33,6 @@ from gradmm_ray.core.admm import (
     solve_batch,
     typical_embedding_norm,
 )
-from gradmm_ray.core.headgrad import (
-    clipped_sum_of_pairs,
-)
 from gradmm_ray.core.lm import CausalLM
 from gradmm_ray.core.projection import allowed_token_mask, cosine_candidates, project
 from gradmm_ray.core.target_space import target_space
@@ -60,7 +57,7 @@ def positive_texts(n: int) -> list[str]:
 def clean_mean_grad(lm: CausalLM, texts: list[str], completion: str) -> tuple[Tensor, Tensor]:
     """The unclipped mean head gradient of real (text, completion) pairs, via headgrad."""
     pairs = [encode_pair(lm.tokenizer, format_prompt(TEMPLATE, t), completion) for t in texts]
-    S_W, S_b = clipped_sum_of_pairs(lm, lm.head_params_fp32(), pairs, None)
+    S_W, S_b = target_space("full_head", lm, {}).clipped_sum_of_pairs(lm, pairs, None)
     return S_W / len(pairs), S_b / len(pairs)
 
 

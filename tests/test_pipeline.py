@@ -11,9 +11,7 @@ import pytest
 import torch
 
 from gradmm_ray.config import Config, DataConfig, TargetsConfig
-from gradmm_ray.core.headgrad import (
-    clipped_sum_of_pairs,
-)
+from gradmm_ray.core.target_space import target_space
 from gradmm_ray.core.text import encode_pair, format_prompt
 from gradmm_ray.distill import cli
 from gradmm_ray.distill.output import OUTPUT_COLUMNS
@@ -37,7 +35,7 @@ FAST = [
 
 def _direct_clean_sums(lm, real, cfg: Config) -> dict[str, torch.Tensor]:
     """Stage 1's clean per-class sums computed in one process, one batch per class."""
-    head = lm.head_params_fp32()
+    space = target_space(cfg.targets.gradient, lm, cfg.data.verbalizers)
     out = {}
     rows = real.table.to_pylist()
     for label, completion in cfg.data.verbalizers.items():
@@ -48,7 +46,7 @@ def _direct_clean_sums(lm, real, cfg: Config) -> dict[str, torch.Tensor]:
             for r in rows
             if r["label"] == label
         ]
-        out[label] = clipped_sum_of_pairs(lm, head, pairs, cfg.privacy.clip_norm)[0].double()
+        out[label] = space.clipped_sum_of_pairs(lm, pairs, cfg.privacy.clip_norm)[0].double()
     return out
 
 

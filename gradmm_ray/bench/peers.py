@@ -1,7 +1,7 @@
 """Peers suite (issue 14): our fast paths against OUTSIDE code and against the limit, in this
 process on the benchmark model (timings only; no peak memory).
 
-Stage 1: ours (``clipped_sum_of_pairs`` per micro-batch) vs Opacus ghost clipping on the head
+Stage 1: ours (``TargetSpace.clipped_sum_of_pairs`` per micro-batch, full head) vs Opacus ghost clipping on the head
 (the only parameter requiring grad; same rows, same clip norm; Opacus's clipped SUM compared
 with ours) vs a forward-only pass of the same model on the same rows (the floor).
 
@@ -41,14 +41,14 @@ from gradmm_ray.core.admm import (
     solve_batch,
     typical_embedding_norm,
 )
-from gradmm_ray.core.headgrad import clipped_sum_of_pairs
 from gradmm_ray.core.lm import CausalLM
 from gradmm_ray.core.projection import allowed_token_mask
+from gradmm_ray.core.target_space import target_space
 
 HELP = """\
   peers       Against outside code and the limit, in one process (wall clock, best of repeats):
               stage 1 (same rows, micro-batches, clip norm; head only):
-                ours          core.headgrad.clipped_sum_of_pairs per micro-batch;
+                ours          core.target_space full_head, clipped_sum_of_pairs per micro-batch;
                 opacus_ghost  Opacus GradSampleModuleFastGradientClipping (ghost clipping) on
                               the head, body forward frozen, DPTensorFastGradientClipping's two
                               backwards; its clipped sum (head.weight.grad) compared with ours;
@@ -97,13 +97,13 @@ def _timed(fn, repeats: int, warm: bool = True) -> tuple[float, object]:
 
 
 def stage1_ours(lm: CausalLM, micro: int):
-    head = lm.head_params_fp32()
+    space = target_space("full_head", lm, {})
 
     @torch.inference_mode()
     def run(pairs: list) -> torch.Tensor:
-        S = torch.zeros_like(head[0])
+        S = torch.zeros_like(space.W)
         for chunk in chunks(pairs, micro):
-            S += clipped_sum_of_pairs(lm, head, chunk, CLIP_NORM)[0]
+            S += space.clipped_sum_of_pairs(lm, chunk, CLIP_NORM)[0]
         return S
 
     return run

@@ -69,14 +69,14 @@ CHECK_DEMOS = (
 CHECK_TEMPLATE = "Input: {text}\nLabel:"
 
 GRIDS = {
-    # ~30 minutes on 2 CPU cores: GRADMM from 50 rows per class without noise, and from the
-    # (capped) pool at epsilon 1.
+    # ~30 minutes on 2 CPU cores: GRADMM from 5 and 50 real rows per class without noise, and
+    # from the (capped) pool at epsilon 1.
     "quick": dict(
-        runs=("label_rows:50:inf", "label_rows:all:1"),
+        runs=("label_rows:5:inf", "label_rows:50:inf", "label_rows:all:1"),
         per_class="4,8",
         seeds=3,
         real_seeds=10,
-        candidates=30,
+        candidates=28,
         pool_rows=2000,
     ),
     # The grid: days on a CPU, hours on a GPU.

@@ -1,5 +1,5 @@
 """Stage-1 suite: the clipped per-example LM-head gradient sum over the same N random
-(prompt, 1-token completion) pairs, three ways: ours (``core.headgrad.clipped_sum_of_pairs`` per
+(prompt, 1-token completion) pairs, three ways: ours (``TargetSpace.clipped_sum_of_pairs``, full head, per
 micro-batch) against our per-example autograd loop and our vmap reference (``references``)."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import torch
 from gradmm_ray.bench.harness import PeakMemory, goal, measure, memory_method, sync
 from gradmm_ray.bench.references import stage1_loop, stage1_vmap
 from gradmm_ray.bench.workload import CLIP_NORM, PROMPT_TOKENS, Settings, chunks, random_pairs
-from gradmm_ray.core.headgrad import clipped_sum_of_pairs
 from gradmm_ray.core.lm import CausalLM
+from gradmm_ray.core.target_space import target_space
 
 HELP = """\
   stage1      Per-example clipped LM-head gradient sum over the same N random (prompt, 1-token
               completion) pairs, three ways:
-                ours  core.headgrad.clipped_sum_of_pairs (completion states -> logits_grad ->
+                ours  TargetSpace.clipped_sum_of_pairs, full head (completion states -> logits_grad ->
                       Gram norms -> clip factors -> one matmul) in micro-batches (no V x d
                       tensor per example);
                 loop  our per-example autograd reference: per example, a full forward, CE on the
@@ -38,10 +38,10 @@ HELP = """\
 @torch.inference_mode()
 def stage1_ours(lm: CausalLM, pairs: list, *, micro: int, clip_norm: float) -> torch.Tensor:
     """This implementation: the ONE stage-1 function, once per micro-batch. (V, d)."""
-    head = lm.head_params_fp32()
-    S = torch.zeros_like(head[0])  # (V, d)
+    space = target_space("full_head", lm, {})
+    S = torch.zeros_like(space.W)  # (V, d)
     for chunk in chunks(pairs, micro):
-        s_w, _ = clipped_sum_of_pairs(lm, head, chunk, clip_norm)
+        s_w, _ = space.clipped_sum_of_pairs(lm, chunk, clip_norm)
         S += s_w
     return S
 

@@ -14,8 +14,8 @@ import torch
 
 from gradmm_ray.config import AdmmConfig
 from gradmm_ray.core.admm import SequenceLayout, Target
-from gradmm_ray.core.headgrad import clipped_sum_of_pairs
 from gradmm_ray.core.lm import CausalLM
+from gradmm_ray.core.target_space import target_space
 
 # The benchmark model: Llama-style, realistic head, small body.
 MODEL_SHAPE = {
@@ -178,7 +178,9 @@ def make_target(lm: CausalLM, layout: SequenceLayout, n: int = 16) -> Target:
     ]
     W, b = head = lm.head_params_fp32()
     with torch.no_grad():
-        s_w, s_b = clipped_sum_of_pairs(lm, head, pairs, CLIP_NORM)  # (V, d), (V,)
+        s_w, s_b = target_space("full_head", lm, {}, head=head).clipped_sum_of_pairs(
+            lm, pairs, CLIP_NORM
+        )  # (V, d), (V,)
 
     def noise(shape: torch.Size) -> torch.Tensor:
         return torch.randn(shape, generator=g).to(lm.device) * (CLIP_NORM / RELEASE_SIZE)

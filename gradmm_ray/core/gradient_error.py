@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gradmm_ray.core.headgrad import clipped_sum_of_pairs
 from gradmm_ray.core.lm import CausalLM
+from gradmm_ray.core.target_space import target_space
 from gradmm_ray.core.text import encode_pair
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ def head_gradient_sums(
 ) -> dict[str | None, tuple[HeadGrad, int]]:
     """Per label: (Σ over its rows of the closed-form head gradient of the completion CE, rows)."""
     head = lm.head_params_fp32()
+    space = target_space("full_head", lm, {}, head=head)
     sums: dict[str | None, tuple[HeadGrad, int]] = {}
     for label in sorted({ex.label for ex in examples}, key=str):
         rows = [ex for ex in examples if ex.label == label]
@@ -46,7 +47,7 @@ def head_gradient_sums(
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             pairs = [encode_pair(lm.tokenizer, ex.prompt, ex.completion) for ex in chunk]
-            gw, gb = clipped_sum_of_pairs(lm, head, pairs, None)  # no clipping: plain sums
+            gw, gb = space.clipped_sum_of_pairs(lm, pairs, None)  # no clipping: plain sums
             sum_w += gw
             if sum_b is not None:
                 sum_b += gb

@@ -24,8 +24,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from gradmm_ray.core.lm import CausalLM
-
 
 def logits_grad(
     logits: Tensor, targets: Tensor, mask: Tensor, tail: Callable[[Tensor], Tensor] | None = None
@@ -116,19 +114,3 @@ def match_loss(A: Tensor, B: Tensor, G_W: Tensor, G_b: Tensor | None) -> Tensor:
     """Per-example matching loss: mean over head tensors of 1 - cos, (N,). Independent per
     example, so the loss of a batch is a sum of per-example terms."""
     return (1.0 - head_grad_cosines(A, B, G_W, G_b)).mean(dim=-1)
-
-
-def clipped_sum_of_pairs(
-    lm: CausalLM,
-    head: tuple[Tensor, Tensor | None],
-    pairs: list[tuple[list[int], int]],
-    clip_norm: float | None,
-) -> tuple[Tensor, Tensor]:
-    """Stage 1's computation for a micro-batch of training pairs: Σᵢ clip_C(gᵢ) over the pairs,
-    (V, d) and (V,). ``head`` is ``lm.head_params_fp32()``, made once by the caller. No V x d
-    tensor per example: states -> logits -> B -> Gram norms -> clip factors -> one matmul."""
-    A, targets, mask = lm.completion_states(pairs)  # (n, T, d) fp32
-    W, b = head
-    B = logits_grad(head_logits(A, W, b), targets, mask, lm.logits_tail())  # (n, T, V)
-    factors = clip_factors(head_grad_sq_norms(A, B, with_bias=b is not None), clip_norm)
-    return clipped_head_grad_sum(A, B, factors)
