@@ -142,3 +142,24 @@ def test_compare_and_run_specs():
     assert GenerationRun.parse("label_rows:50:inf").name == "label_rows/m50/epsinf"
     with pytest.raises(SystemExit, match="SPACE:M:EPSILON"):
         GenerationRun.parse("label_rows:fifty:inf")
+
+
+def test_protocol_b_zero_shot_and_lr_zero_agree_and_training_moves_the_model(tiny_lm):
+    """Protocol (b) through the fine-tuning job's loop: with lr 0 a trained run scores exactly
+    the pretrained model (zero-shot); with a large lr on the negative rows only, the pretrained
+    model's "positive" everywhere turns into "negative" everywhere (it trains the given rows)."""
+    from gradmm_ray.bench.quality import protocol_b
+    from gradmm_ray.config import build_config, load_yaml
+    from gradmm_ray.presets import resolve_config_path
+
+    cfg = build_config(load_yaml(resolve_config_path("tiny")))
+    rows = [{"text": t, "label": lab} for t, lab in ROWS]
+    negatives = [r for r in rows if r["label"] == "negative"]
+    frozen = protocol_b(
+        tiny_lm, cfg, {"zero-shot": [[]], "same": [rows]}, rows, rows, steps=2, lrs=(0.0,), k=1
+    )
+    assert frozen["same"]["test_accuracy"] == frozen["zero-shot"]["test_accuracy"]
+    assert frozen["zero-shot"]["test_accuracy"] == pytest.approx(3 / 5)  # says "positive"
+    pushed = protocol_b(tiny_lm, cfg, {"neg": [negatives]}, rows, rows, steps=6, lrs=(0.05,), k=1)
+    assert pushed["neg"]["step"] in (3, 6)
+    assert pushed["neg"]["per_seed_test_accuracy"] == [pytest.approx(2 / 5)]  # all "negative"

@@ -35,6 +35,7 @@ set_defaults(offline=True)  # the converted SmolLM2 and rt-snippets are local
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
@@ -145,6 +146,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--candidates", type=int, help="solve.candidates_per_class of generation")
     p.add_argument("--pool-rows", type=int, help="cap on the pool (0: all 8,572 rows)")
     p.add_argument("--test-rows", type=int, default=0, help="cap on TEST (0: all 1,000 rows)")
+    b = p.add_argument_group(
+        "protocol (b)",
+        "a short full fine-tune of the whole model (core.training.run_one, the fine-tuning job's "
+        "loop, in process) with the paper's loss, at one k; off unless --b-steps > 0 (~20 s per "
+        "step of batch 16 on 2 CPU cores)",
+    )
+    b.add_argument("--b-steps", type=int, default=0, help="fine-tuning steps, batch 16 (0: skip)")
+    b.add_argument("--b-k", type=int, help="examples per class (default: the largest k)")
+    b.add_argument("--b-lrs", default="1e-5", help="AdamW learning rates, comma-separated")
+    b.add_argument("--b-seeds", type=int, default=2, help="sets per method (GRADMM groups, draws)")
+    b.add_argument("--b-eval-rows", type=int, default=200, help="DEV and TEST rows evaluated")
     args = p.parse_args(argv)
     for key, value in GRIDS[args.grid].items():
         if getattr(args, key) is None:
@@ -270,6 +282,82 @@ def coreset_rows(
     return [by_class[c][i] for c in sorted(by_class) for i in pick(pool.h[by_class[c]], k)]
 
 
+def random_draws(by_class: dict[int, list[int]], k: int, seeds: int) -> list[list[int]]:
+    """Per seed, k random pool rows of each class (seeded by k and the seed)."""
+    draws = []
+    for seed in range(seeds):
+        g = torch.Generator().manual_seed(1000 * k + seed)
+        draws.append(
+            [
+                by_class[c][int(i)]
+                for c in sorted(by_class)
+                for i in torch.randperm(len(by_class[c]), generator=g)[:k]
+            ]
+        )
+    return draws
+
+
+def protocol_b(
+    lm, cfg: Config, sets: dict[str, list[list[dict]]], dev_rows, test_rows, *, steps, lrs, k
+) -> dict:
+    """Protocol (b): the whole model fine-tuned on each set (``sets[method]``: one list of rows
+    per seed) by the fine-tuning job's own loop and loss; DEV picks lr and step per method."""
+    import copy
+
+    from gradmm_ray.core.text import format_prompt
+    from gradmm_ray.core.training import EvalSets, Example, PlainBackend, RunSpec, run_one
+    from gradmm_ray.finetune.config import ProtocolConfig
+
+    data = cfg.data
+
+    def examples(rows: list[dict], split: str) -> list[Example]:
+        return [
+            Example(format_prompt(data.prompt_template, r["text"]), data.verbalizers[r["label"]],
+                    r["label"], f"{split}:{i}")
+            for i, r in enumerate(rows)
+        ]  # fmt: skip
+
+    evals = EvalSets(examples(dev_rows, "dev"), examples(test_rows, "test"), [])
+    eval_every = max(1, steps // 2)
+    protocol = ProtocolConfig(steps=steps, lrs=lrs, eval_every=eval_every, seeds=(0,))
+    out = {}
+    for method, seeds in tqdm(sets.items(), desc="protocol (b)", unit="method"):
+        runs = []
+        for lr in [0.0] if method == "zero-shot" else lrs:
+            per_seed = []
+            for seed, rows in enumerate(seeds):
+                n_steps = steps if rows else 0
+                model = copy.deepcopy(lm.model).requires_grad_(True).train()
+                records = run_one(
+                    RunSpec(method, method, seed, lr, n_steps),
+                    PlainBackend(model, lr, protocol, n_steps),
+                    lm.tokenizer, examples(rows, "train"), evals,
+                    data=data, protocol=protocol, device=lm.device,
+                )  # fmt: skip
+                evaluated = [r for r in records if "dev_accuracy" in r]
+                per_seed.append(
+                    last_layer.Trajectory(
+                        lr, [r["step"] for r in evaluated],
+                        [r["dev_accuracy"] for r in evaluated],
+                        [r["test_accuracy"] for r in evaluated],
+                    )
+                )  # fmt: skip
+                del model
+            runs.append(per_seed)
+        i, j = last_layer.best_on_dev(runs)
+        acc, se = mean_se([r.test[j] for r in runs[i]])
+        out[method] = {
+            "k": k,
+            "seeds": len(seeds),
+            "test_accuracy": round(acc, 4),
+            "test_accuracy_se": None if se is None else round(se, 4),
+            "per_seed_test_accuracy": [round(r.test[j], 4) for r in runs[i]],
+            "lr": runs[i][0].lr,
+            "step": runs[i][0].steps[j],
+        }
+    return out
+
+
 def mean_se(values: list[float]) -> tuple[float, float | None]:
     if len(values) < 2:
         return values[0], None
@@ -378,8 +466,16 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
 
     def features(rows: list[dict], what: str) -> last_layer.Features:
+        # Cached by content: a re-run (e.g. with --b-steps) does not run the model again.
+        key = hashlib.sha256(
+            json.dumps([template, verbalizers, max_tokens, cfg.model.name, rows]).encode()
+        ).hexdigest()[:16]
+        cache = out / "features" / f"{key}.pt"
+        if cache.is_file():
+            h, y = torch.load(cache).values()
+            return last_layer.Features(h, y)
         with tqdm(total=len(rows), desc=f"features {what}", unit="row") as bar:
-            return last_layer.label_position_states(
+            feats = last_layer.label_position_states(
                 lm,
                 [r["text"] for r in rows],
                 [r["label"] for r in rows],
@@ -388,6 +484,9 @@ def main(argv=None) -> int:
                 max_tokens=max_tokens,
                 progress=bar.update,
             )
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"h": feats.h, "y": feats.y}, cache)
+        return feats
 
     pool, dev, test = (
         features(pool_rows, "pool"),
@@ -418,16 +517,7 @@ def main(argv=None) -> int:
         for name, pick in (("herding", herding), ("k-center", kcenter_greedy)):
             rows = coreset_rows(pool, by_class, pick, k)
             results[f"k{k}/{name}"] = evaluate_sets(head, [pool.subset(rows)], dev, test, pool)
-        draws = []
-        for seed in range(args.real_seeds):
-            g = torch.Generator().manual_seed(1000 * k + seed)
-            draws.append(
-                [
-                    by_class[c][i]
-                    for c in (0, 1)
-                    for i in torch.randperm(len(by_class[c]), generator=g)[:k]
-                ]
-            )
+        draws = random_draws(by_class, k, args.real_seeds)
         results[f"k{k}/random real"] = evaluate_sets(
             head, [pool.subset(d) for d in draws], dev, test, pool
         )
@@ -441,6 +531,26 @@ def main(argv=None) -> int:
             entry["short_groups"] = sum(len(g) < 2 * k for g in groups) + args.seeds - len(groups)
             results[f"k{k}/GRADMM {run.name}"] = entry
     timings["protocol_a"] = round(time.perf_counter() - t0, 1)
+
+    protocol_b_results = {}
+    if args.b_steps > 0:
+        t0 = time.perf_counter()
+        k = args.b_k or max(ks)
+        sets = {
+            "zero-shot": [[]],
+            "random real": [
+                [pool_rows[i] for i in draw[: 2 * k]]
+                for draw in random_draws(by_class, k, args.b_seeds)
+            ],
+        }
+        for run in args.runs:
+            groups = gradmm_groups(candidates[run.name], k, args.b_seeds)
+            sets[f"GRADMM {run.name}"] = [g for g in groups if g]
+        protocol_b_results = protocol_b(
+            lm, cfg, sets, dev_rows[: args.b_eval_rows], test_rows[: args.b_eval_rows],
+            steps=args.b_steps, lrs=tuple(float(x) for x in args.b_lrs.split(",")), k=k,
+        )  # fmt: skip
+        timings["protocol_b"] = round(time.perf_counter() - t0, 1)
 
     # 4. Readability and the independent label check.
     scorer = Scorer(lm, verbalizers)
@@ -484,6 +594,7 @@ def main(argv=None) -> int:
             "gradmm_groups": args.seeds,
             "random_real_draws": args.real_seeds,
             "candidates_per_class": args.candidates,
+            "protocol_b": {"steps": args.b_steps, "lrs": args.b_lrs, "eval_rows": args.b_eval_rows},
             "protocol_a": {
                 "optimizer": "Adam, full batch",
                 "lrs": LRS,
@@ -492,6 +603,7 @@ def main(argv=None) -> int:
             },
         },
         "protocol_a": results,
+        "protocol_b": protocol_b_results,
         "readability_log_ppl": readability,
         "independent_label_check": checks,
         "candidates": {name: len(rows) for name, rows in candidates.items()},
@@ -599,10 +711,23 @@ def write_results(out: Path, q: dict) -> None:
                 else "-"
             )
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "![gradient error](grad_error.png)", ""]
+    if q["protocol_b"]:
+        some = next(iter(q["protocol_b"].values()))
+        lines += [
+            "## Protocol (b): a short full fine-tune",
+            "",
+            f"The whole model, {s['protocol_b']['steps']} steps of batch 16 (AdamW, linear decay, "
+            f"lr from {s['protocol_b']['lrs']}), k = {some['k']} per class; DEV and TEST: "
+            f"{s['protocol_b']['eval_rows']} rows each; mean ± SE over sets.",
+            "",
+            "| method | TEST accuracy | lr, step |",
+            "|---|---|---|",
+        ]
+        for name, e in q["protocol_b"].items():
+            lines.append(f"| {name} | {cell(e)} | {e['lr']}, {e['step']} |")
+        lines.append("")
     lines += [
-        "",
-        "![gradient error](grad_error.png)",
-        "",
         "## Readability and labels",
         "",
         "| texts | mean log-perplexity (nats/token) ± SE | independent label check |",
