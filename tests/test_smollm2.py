@@ -71,6 +71,38 @@ def test_smollm2_head_grads_match_brute_force_autograd(smol):
         assert_grad_close(gW[i], ref_w)
 
 
+def test_smollm2_label_rows_grads_match_brute_force_autograd(smol):
+    """The default target space on SmolLM2 (tied head, 49,152 tokens): the closed form equals
+    full-model autograd of the label-option cross-entropy w.r.t. the head's own use of the tied
+    matrix, restricted to the verbalizer rows S (zero off S), per example."""
+    import torch.nn.functional as F
+
+    from gradmm_ray.config import DataConfig
+    from gradmm_ray.core.target_space import target_space
+    from gradmm_ray.core.text import encode_pair
+
+    data = DataConfig()
+    labels = sorted(data.verbalizers)
+    rows = [("A warm, funny film.", "positive"), ("Dull and far too long.", "negative")]
+    pairs = [
+        encode_pair(smol.tokenizer, t, data.verbalizers[y], template=data.prompt_template)
+        for t, y in rows
+    ]
+    space = target_space("label_rows", smol, data.verbalizers)
+    g_w, _ = per_example_head_grads(*space.logits_grad(*smol.completion_states(pairs)))
+    model = head_only_copy(smol)
+    weight = model.get_output_embeddings().weight
+    S = space.rows
+    for i, ((ids, n_prompt), (_, label)) in enumerate(zip(pairs, rows, strict=True)):
+        logits = model(input_ids=torch.tensor([ids])).logits[0, n_prompt - 1].float()
+        loss = F.cross_entropy(logits[S].unsqueeze(0), torch.tensor([labels.index(label)]))
+        (grad,) = torch.autograd.grad(loss, weight)
+        off = torch.ones(grad.shape[0], dtype=torch.bool)
+        off[S] = False
+        assert float(grad[off].abs().max()) == 0
+        assert_grad_close(g_w[i], grad[S].float())
+
+
 def test_smollm2_solve_one_example(smol):
     """Stage 2's solve on SmolLM2 with the default template (empty prefix: no BOS) and tiny
     settings runs, and its tokens reproduce the reported match_loss (atol 1e-4)."""
