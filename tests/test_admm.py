@@ -36,7 +36,7 @@ from gradmm_ray.core.admm import (
 from gradmm_ray.core.lm import CausalLM
 from gradmm_ray.core.projection import allowed_token_mask, cosine_candidates, project
 from gradmm_ray.core.target_space import target_space
-from gradmm_ray.core.text import encode_pair, format_prompt
+from gradmm_ray.core.text import encode_pair, encode_prompt, format_prompt
 from gradmm_ray.sample_data import sample_data_path
 
 TEMPLATE = "{text} It was"
@@ -310,15 +310,17 @@ def random_U(lm: CausalLM, N: int, n: int, seed: int) -> Tensor:
 
 
 @torch.no_grad()
-def brute_force_project(lm, U, prefixes, allowed, rule, k):
-    """Re-run the full unpadded prefix + chosen tokens for every position of every example."""
+def brute_force_project(lm, U, prefixes, allowed, rule, k, first_allowed=None):
+    """Re-run the full unpadded prefix + chosen tokens for every position of every example;
+    position 0 draws from ``first_allowed`` when given."""
     E = lm.input_embeddings.detach().float()
     out = []
     for i, prefix in enumerate(prefixes):
         seq = list(prefix)
         for j in range(U.shape[1]):
             logits = lm.model(input_ids=torch.tensor([seq])).logits[0, -1].float()
-            seq.append(literal_choice(U[i, j], logits, E, allowed, rule, k))
+            mask = first_allowed if j == 0 and first_allowed is not None else allowed
+            seq.append(literal_choice(U[i, j], logits, E, mask, rule, min(k, int(mask.sum()))))
         out.append(seq[len(prefix) :])
     return out
 
@@ -336,6 +338,33 @@ def test_project_matches_brute_force(tiny_lm, rule, k):
     got = project(lm, U, prefixes, allowed, rule=rule, k=k)
     assert got.shape == (len(prefixes), 5)
     assert got.tolist() == brute_force_project(lm, U, prefixes, allowed, rule, k)
+
+
+@pytest.mark.parametrize("k", [3, 40])
+@pytest.mark.parametrize("rule", ["paper", "reference"])
+def test_project_with_a_lead_draws_position_0_from_its_tokens(tiny_lm, rule, k):
+    """A template ending in whitespace ("Review: {text}"): the layout's prefix stops before the
+    space, position 0 draws only from tokens that start with it (SequenceLayout.lead), the
+    others from every allowed token; the choice equals the literal rule with that mask (k below
+    and above the lead set's size)."""
+    lm = tiny_lm
+    layout = SequenceLayout.build(lm.tokenizer, "Review: {text}\nSentiment:", " great", "A:")
+    assert layout.lead == " " and layout.prefix_ids == encode_prompt(lm.tokenizer, "Review:")
+    allowed = allowed_token_mask(lm.tokenizer, lm.vocab_size, word_like_only=False)
+    first = layout.first_allowed(allowed)
+    words = lm.tokenizer.batch_decode([[i] for i in first.nonzero().flatten().tolist()])
+    assert words and all(w.startswith(" ") and w[1:2].strip() for w in words)
+    prefixes = prefix_ids(lm)
+    U = random_U(lm, len(prefixes), 4, seed=6)
+    got = project(lm, U, prefixes, allowed, rule=rule, k=k, first_allowed=first)
+    assert all(bool(first[t]) for t in got[:, 0].tolist())
+    assert got.tolist() == brute_force_project(lm, U, prefixes, allowed, rule, k, first)
+
+
+def test_layout_without_trailing_whitespace_has_no_lead(tiny_lm):
+    for template in ("{text} It was", "Review:{text}", " {text}"):
+        layout = SequenceLayout.build(tiny_lm.tokenizer, template, " great", "A:")
+        assert layout.lead == "" and layout.first_allowed(torch.ones(10, dtype=torch.bool)) is None
 
 
 @pytest.mark.parametrize("arch", ["tiny", "llama", "gpt2", "phi", "gemma2"])

