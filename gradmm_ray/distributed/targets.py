@@ -135,7 +135,10 @@ def clean_class_sums(real: RealExamples, cfg: Config) -> dict[str, dict[str, tor
             for name in ("weight", "bias"):
                 if f"{name}_sum" in out:
                     value = torch.from_numpy(np.array(out[f"{name}_sum"][0], dtype=np.float64))
-                    acc[name] = acc[name] + value if name in acc else value
+                    if name in acc:  # in place: one float64 sum per class, however many partials
+                        acc[name].add_(value)
+                    else:
+                        acc[name] = value
             seen[label] = seen.get(label, 0) + rows
             bar.update(rows)
     if seen != {
