@@ -47,7 +47,8 @@ format: install
 bench: install
 	$(PY) jobs/benchmark.py --json outputs/benchmark.json
 
-# The quality experiment (~10 min on 2 cores): quality.* in the same JSON, outputs/quality/results.md.
+# The quality benchmark (~30 min on 2 cores; needs ../shared/data/rt-snippets): quality.* in the same
+# JSON, outputs/quality/results.md. `jobs/quality.py --grid full` runs the issue's whole grid.
 quality: install
 	$(PY) jobs/quality.py --json outputs/benchmark.json
 

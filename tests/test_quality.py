@@ -163,3 +163,17 @@ def test_protocol_b_zero_shot_and_lr_zero_agree_and_training_moves_the_model(tin
     pushed = protocol_b(tiny_lm, cfg, {"neg": [negatives]}, rows, rows, steps=6, lrs=(0.05,), k=1)
     assert pushed["neg"]["step"] in (3, 6)
     assert pushed["neg"]["per_seed_test_accuracy"] == [pytest.approx(2 / 5)]  # all "negative"
+
+
+def test_verdict_reads_runs_whose_sets_do_not_spread():
+    """Two methods with identical per-seed accuracies (SE 0) are reported, not a crash."""
+    from gradmm_ray.bench.quality import verdict
+
+    same = {"test_accuracy": 0.8, "test_accuracy_se": 0.0}
+    q = {
+        "settings": {"runs": ["label_rows/m5/epsinf"]},
+        "protocol_a": {"k4/GRADMM label_rows/m5/epsinf": same, "k4/random real": same},
+    }
+    assert (
+        verdict(q, [4]) == "GRADMM label_rows/m5/epsinf vs random real: k=4: +0.0 pts (no spread)"
+    )
