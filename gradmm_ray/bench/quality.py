@@ -24,6 +24,11 @@ generation or by any choice.
    and an independent label check (a few-shot prompt in another format, hand-written
    demonstrations) on the synthetic rows and, to calibrate it, on TEST.
 
+Grids: quick (`make quality`, ~30 min on 2 CPU cores): label_rows, m in {5, 50} at epsilon inf
+and the 2,000-row pool at epsilon 1, k in {4, 8}, 3 GRADMM groups, 10 random draws. full: both
+target spaces, m in {5, 50, all}, epsilon in {1, 4, inf}, k in {4, 8, 16, 32}, 5 groups, 20 draws,
+the whole pool (a GPU-sized run). Any flag below overrides its grid's value.
+
 Writes `quality` into the --json file (other keys kept), OUTPUT/results.md and OUTPUT/*.png.
 """
 
