@@ -61,10 +61,10 @@ class SequenceLayout:
         generation_chat: bool | str = "auto",
     ) -> SequenceLayout:
         # The rule of core.text: what starts the sequence gets the tokenizer's special tokens,
-        # what continues it none. One difference, on purpose: the training pair (encode_pair)
-        # tokenises the filled prompt as one string, while here the free embeddings X stand where
-        # {text} is, so the template's two sides are tokenised apart (no merge can cross X) and
-        # may split differently at the boundary than the final text's pair does.
+        # what continues it none. The training pair (encode_pair) tokenises the filled prompt as
+        # one string, while here X stands where {text} is and the template's two sides are
+        # tokenised apart. The common boundary merge, a space before {text} joining the text's
+        # first word, is kept by the lead; rarer merges across X can still differ.
         before, after = template.split("{text}", 1)
         stripped = before.rstrip()
         lead = before[len(stripped) :] if stripped else ""
@@ -86,7 +86,7 @@ class SequenceLayout:
         if not self.lead_token_ids:
             return None
         first = torch.zeros_like(allowed)
-        first[list(self.lead_token_ids)] = True
+        first[[i for i in self.lead_token_ids if i < len(allowed)]] = True
         first &= allowed
         return first if bool(first.any()) else None
 
