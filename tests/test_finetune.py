@@ -41,7 +41,7 @@ from gradmm_ray.finetune.config import (
     build_finetune_config,
 )
 from gradmm_ray.finetune.examples import training_examples
-from gradmm_ray.finetune.job import plan_runs, prepare_job
+from gradmm_ray.finetune.job import manifest_defaults, plan_runs, prepare_job, read_manifest
 from gradmm_ray.finetune.report import choose_on_dev, summarise
 from gradmm_ray.finetune.splits import class_budget, split_rows
 from gradmm_ray.io.real_data import load_real_examples
@@ -193,14 +193,16 @@ def synthetic_dir(tmp_path) -> Path:
 def test_dev_and_test_never_overlap_what_a_baseline_trains_on(synthetic_dir, tmp_path):
     """Every set of every baseline (and the generation rows) is disjoint from DEV and TEST, by
     row and by text; DEV and TEST are disjoint from each other."""
+    train = str(synthetic_dir / "synthetic.parquet")
     cfg = build_finetune_config(
+        manifest_defaults(read_manifest(train)),  # as the CLI layers it: the set's words, model
         {
-            "train": str(synthetic_dir / "synthetic.parquet"),
+            "train": train,
             "output": str(tmp_path / "out"),
             "baselines": [b for b in BASELINES],
             "protocol": {"seeds": [0, 1]},
             "splits": {"dev_size": 40},
-        }
+        },
     )
     prep = prepare_job(cfg, overwrite=False)
     generation = load_real_examples(DataConfig(per_class=5, verbalizers=VERBALIZERS), 0)
@@ -228,7 +230,7 @@ def test_dev_and_test_never_overlap_what_a_baseline_trains_on(synthetic_dir, tmp
 
 
 def test_training_file_rules(tmp_path):
-    data = DataConfig(verbalizers=VERBALIZERS)
+    data = DataConfig(prompt_template="{text} It was", verbalizers=VERBALIZERS)
     good = pa.table({"prompt": ["a It was"], "completion": [" great"]})
     (ex,) = training_examples(good, data, loss="classification", shown="f")
     assert ex.label == "positive"  # inferred from the label word

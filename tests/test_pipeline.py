@@ -10,14 +10,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from gradmm_ray.config import Config, DataConfig, TargetsConfig
+from gradmm_ray.config import Config, DataConfig, build_config, load_yaml
 from gradmm_ray.core.target_space import target_space
 from gradmm_ray.core.text import encode_pair, format_prompt
 from gradmm_ray.distill import cli
 from gradmm_ray.distill.output import OUTPUT_COLUMNS
 from gradmm_ray.io.real_data import load_real_examples
+from gradmm_ray.presets import resolve_config_path
 
 CANARY = "zqxj canary wombat"
+TINY = build_config(load_yaml(resolve_config_path("tiny")))  # what FAST runs: --config tiny
 
 # Small but complete settings: every stage and rule runs, in seconds.
 FAST = [
@@ -55,22 +57,26 @@ def test_stage1_sum_does_not_depend_on_sharding(ray_session, tiny_lm):
     each other and with a one-process computation to 1e-5 relative."""
     from gradmm_ray.distributed.targets import clean_class_sums
 
-    cfg = Config(
-        data=DataConfig(per_class=24), model=dataclasses.replace(Config().model, device="cpu")
+    cfg = dataclasses.replace(
+        TINY,
+        data=dataclasses.replace(TINY.data, per_class=24),
+        model=dataclasses.replace(TINY.model, device="cpu"),
     )
     real = load_real_examples(cfg.data, seed=0)
     one = dataclasses.replace(
         cfg,
-        targets=TargetsConfig(
-            micro_batch_size=3, rows_per_partial=6, min_actors=1, max_actors=1, num_gpus=0
+        targets=dataclasses.replace(
+            cfg.targets, micro_batch_size=3, rows_per_partial=6, min_actors=1, max_actors=1,
+            num_gpus=0,
         ),
-    )
+    )  # fmt: skip
     two = dataclasses.replace(
         cfg,
-        targets=TargetsConfig(
-            micro_batch_size=16, rows_per_partial=16, min_actors=2, max_actors=2, num_gpus=0
+        targets=dataclasses.replace(
+            cfg.targets, micro_batch_size=16, rows_per_partial=16, min_actors=2, max_actors=2,
+            num_gpus=0,
         ),
-    )
+    )  # fmt: skip
     sums_one = clean_class_sums(real, one)
     sums_two = clean_class_sums(real, two)
     direct = _direct_clean_sums(tiny_lm, real, cfg)
@@ -134,7 +140,7 @@ def test_output_contract(demo_run):
     assert tuple(table.column_names) == OUTPUT_COLUMNS
     rows = table.to_pylist()
     assert {r["label"] for r in rows} == {"positive", "negative"}
-    cfg = Config()
+    cfg = TINY
     for r in rows:
         assert r["prompt"] == cfg.data.prompt_template.format(text=r["text"])
         assert r["completion"] == cfg.data.verbalizers[r["label"]]

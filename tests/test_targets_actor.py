@@ -172,6 +172,7 @@ def test_select_scorer_runs_on_these_heads(saved_arch, ray_session):
     cfg = Config(
         data=DataConfig(prompt_template=TEMPLATE, verbalizers=VERBALIZERS),
         model=ModelConfig(name=folder, dtype="float32", device="cpu"),
+        targets=TargetsConfig(gradient="full_head"),  # the space of _actor's sums
     )
     scorer = CandidateScorer(cfg, [ray_session.put(targets)])
     ids = lm.tokenizer(row[0], add_special_tokens=False)["input_ids"]

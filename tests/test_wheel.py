@@ -4,6 +4,7 @@ DeepSpeed training step of the finetune loop with each (in one process: world si
 tiny model). The 2-worker Ray Train runs of the same presets are in test_finetune.py."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,8 +74,16 @@ def _free_port() -> str:
 
 
 def test_installed_wheel_runs_finetune_with_the_deepspeed_presets(tmp_path):
+    # Build from a copy without the checkout's build/ folder: setuptools copies package data into
+    # build/lib without removing what is gone, so a preset deleted from the checkout would ship.
+    source = tmp_path / "src"
+    shutil.copytree(
+        ROOT, source,
+        ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "outputs", "*.egg-info",
+                                      "__pycache__", ".pytest_cache", ".ruff_cache"),
+    )  # fmt: skip
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
          "-w", str(tmp_path / "dist"), "-q"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
