@@ -24,8 +24,9 @@ differentially private gradient sum per class (noise from the OS CSPRNG; no coun
 that turn synthetic token embeddings into text whose gradient matches those targets; stage 3
 (select) scores, filters and balances the candidates into OUTPUT/synthetic.parquet.
 
-With no arguments it runs the embedded demo: local Ray, CPU, the bundled movie reviews and a
-tiny offline model. On a cluster (give --output: the job's working directory is temporary):
+With no arguments it runs the embedded demo: local Ray, CPU, the bundled movie reviews and
+SmolLM2-135M-Instruct (converted offline into ~/.cache/gradmm_ray; ~3 min on 2 cores). --config
+tiny is the test suite's 2-layer model. On a cluster (give --output: the job's working directory is temporary):
   ray job submit --working-dir . -- python jobs/distill.py --config my.yaml --output s3://bucket/run
 """
 
@@ -59,7 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--model",
-        help="'tiny', a hub id (e.g. microsoft/phi-1_5), a local folder or an s3:// / gs:// folder (sets model.name)",
+        help="'smollm2-135m' (the default), 'tiny', a hub id (e.g. microsoft/phi-1_5), a local folder or an s3:// / gs:// folder (sets model.name)",
     )
     p.add_argument(
         "--output", help="output directory, local or s3:// / gs:// (default outputs/demo)"
