@@ -47,7 +47,7 @@ format: install
 bench: install
 	$(PY) jobs/benchmark.py --json outputs/benchmark.json
 
-# The quality benchmark (~30 min on 2 cores; needs ../shared/data/rt-snippets): quality.* in the same
+# The quality benchmark (~35 min on 2 cores; needs ../shared/data/rt-snippets): quality.* in the same
 # JSON, outputs/quality/results.md. `jobs/quality.py --grid full` runs the issue's whole grid.
 quality: install
 	$(PY) jobs/quality.py --json outputs/benchmark.json

@@ -34,6 +34,7 @@ PROJECTION_RULES = ("paper", "reference")
 ADJACENCIES = ("add_remove", "replace_one")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TARGET_SPACES = ("full_head", "label_rows")  # targets.gradient (core.target_space)
+SELECT_RULES = ("set_match", "lowest_loss")  # select.rule (core.selection)
 
 
 T = TypeVar("T")
@@ -104,7 +105,11 @@ class ModelConfig:
 class PrivacyConfig:
     epsilon: float = _result(1.0)  # .inf = no noise
     delta: float = _result(1e-4)
-    clip_norm: float | None = _result(1.0)  # null = no clipping (only with epsilon .inf)
+    # C, in the units of one example's gradient: about its median norm keeps the weight (1 − p)
+    # that fine-tuning gives each row. SmolLM2 under label_rows: median 20 (README, Quality); at
+    # C 1 every row is clipped to a unit vector and the classes' sum points elsewhere (cos 0.3
+    # with the real gradient, 0.99 at C 20). null = no clipping (only with epsilon .inf).
+    clip_norm: float | None = _result(20.0)
     adjacency: str = _result("add_remove")  # or replace_one (sensitivity 2C)
     # Poisson sampling of the real rows (each kept with this probability, secure randomness);
     # the accountant credits the amplification. 1 = every row.
@@ -176,8 +181,11 @@ class SelectConfig(PoolConfig):
     min_label_prob: float = _result(0.0)
     dedupe: bool = _result(True)
     per_class: int | None = _result(4)  # null = keep every candidate that passes
-    ppl_weight: float = _result(0.0)
-    balance: bool = _result(True)
+    # set_match: the rows whose summed gradient best matches the combined target (label_rows
+    # only); lowest_loss: the paper's per-class lowest scores, then balance (core.selection).
+    rule: str = _result("set_match")
+    ppl_weight: float = _result(0.0)  # lowest_loss's score: match_loss + ppl_weight * log_ppl
+    balance: bool = _result(True)  # lowest_loss only
     # balance leaves a class alone while its mean score is within this fraction above the lowest
     # class mean (0: the paper's strict rule; scores a few % apart are not told apart by it).
     balance_tolerance: float = _result(0.05)
@@ -575,6 +583,13 @@ def validate(cfg: Config) -> list[str]:
         f"select.per_class: got {s.per_class}, expected >= 1 or null",
     )
     need(s.ppl_weight >= 0, f"select.ppl_weight: got {s.ppl_weight}, expected >= 0")
+    need(s.rule in SELECT_RULES, f"select.rule: got {s.rule!r}, expected one of {SELECT_RULES}")
+    need(
+        s.rule != "set_match" or cfg.targets.gradient == "label_rows",
+        "select.rule: set_match sums each candidate's own gradient, which under targets.gradient "
+        f"{cfg.targets.gradient} has V x d entries; use targets.gradient label_rows or "
+        "select.rule lowest_loss",
+    )
     need(
         s.balance_tolerance >= 0,
         f"select.balance_tolerance: got {s.balance_tolerance}, expected >= 0",

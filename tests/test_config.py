@@ -51,12 +51,13 @@ def test_defaults_are_the_embedded_demo():
     assert cfg.data.generation_chat == "auto"
     assert cfg.model.name == "smollm2-135m"
     assert cfg.targets.gradient == "label_rows"
-    assert (cfg.privacy.epsilon, cfg.privacy.delta, cfg.privacy.clip_norm) == (1.0, 1e-4, 1.0)
+    assert (cfg.privacy.epsilon, cfg.privacy.delta, cfg.privacy.clip_norm) == (1.0, 1e-4, 20.0)
     assert cfg.privacy.adjacency == "add_remove"
     assert cfg.admm.rho == (1.0,)
     assert (cfg.admm.projection, cfg.admm.topk) == ("paper", 3)
     assert (cfg.admm.outer_iters, cfg.admm.inner_steps) == (5, 10)
     assert cfg.select.label_check is True
+    assert (cfg.select.rule, cfg.select.per_class) == ("set_match", 4)
     assert cfg.output == "outputs/demo"
     assert cfg.seed == 0
     assert cfg.stages == STAGES == ("targets", "solve", "select")
@@ -393,6 +394,11 @@ def test_type_error_through_set():
             ["privacy.sample_rate", "replace_one", "add_remove"],
         ),
         ({"model": {"dtype": "int8"}}, ["model.dtype", "'int8'", "bfloat16"]),
+        ({"select": {"rule": "best"}}, ["select.rule", "'best'", "set_match", "lowest_loss"]),
+        (
+            {"targets": {"gradient": "full_head"}},
+            ["select.rule", "set_match", "full_head", "V x d", "lowest_loss"],
+        ),
     ],
 )
 def test_validation_names_field_value_and_allowed_range(layer, parts):

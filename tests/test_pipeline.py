@@ -281,12 +281,16 @@ def test_targets_stage_alone_then_the_rest(ray_session, tmp_path, capsys):
 def test_label_rows_target_end_to_end(ray_session, canary_data, tmp_path):
     """targets.gradient=label_rows on the tiny model: every stage runs, the release holds one
     (|S|, d) weight (+ (|S|,) bias) per class, the record names the space and its dimension
-    |S|·(d [+ 1]), and the selected rows' match_loss is a 1 - cos in that space."""
+    |S|·(d [+ 1]), and the selected rows' match_loss is a 1 - cos in that space. With
+    select.rule set_match the scorer's per-row gradients cross Ray to the selection: its step
+    ends the funnel with per_class rows per class, and the manifest and report give the set's
+    cosine to the combined target."""
     from gradmm_ray.core.lm import load_causal_lm
 
     out = tmp_path / "out"
     argv = ["--data", str(canary_data), "--output", str(out), *FAST]
-    assert cli.main([*argv, "--set", "targets.gradient=label_rows"]) == 0
+    settings = ["--set", "targets.gradient=label_rows", "--set", "select.rule=set_match"]
+    assert cli.main([*argv, *settings]) == 0
     lm = load_causal_lm("tiny", dtype="float32", device="cpu")
     K, d = len(Config().data.verbalizers), lm.head.weight.shape[1]
     from safetensors import safe_open
@@ -303,3 +307,9 @@ def test_label_rows_target_end_to_end(ray_session, canary_data, tmp_path):
     assert set(record["noise_to_signal"]) == {"positive", "negative"}
     rows = pq.read_table(out / "synthetic.parquet").to_pylist()
     assert rows and all(0 <= r["match_loss"] <= 2 for r in rows)
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    last = counts["funnel"][-1]
+    assert last["step"] == "set_match" and last["rows"] == len(rows)
+    assert all(n <= TINY.select.per_class for n in last["per_class"].values())
+    assert -1 <= counts["set_cosine"] <= 1
+    assert f"cosine {counts['set_cosine']:.3f}" in (out / "report.md").read_text()

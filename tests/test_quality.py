@@ -4,12 +4,15 @@ through the whole model, a literal per-example loop, and hand-built cases."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from gradmm_ray.bench import last_layer
-from gradmm_ray.bench.quality import GenerationRun, compare, gradmm_groups
-from gradmm_ray.core.text import format_prompt
+from gradmm_ray.bench.quality import GenerationRun, candidate_gradients, compare, gradmm_groups
+from gradmm_ray.core.selection import match_set
+from gradmm_ray.core.target_space import target_space
+from gradmm_ray.core.text import encode_pair, format_prompt
 from gradmm_ray.core.training import Example, classification_loss, label_targets, option_scores
 
 TEMPLATE = "{text} It was"
@@ -119,12 +122,16 @@ def test_best_on_dev_averages_seeds_and_breaks_ties_to_the_smaller_lr_and_earlie
     assert last_layer.best_on_dev(runs) == (2, 0)
 
 
-def test_gradmm_groups_are_disjoint_and_keep_the_k_lowest_losses_per_class():
-    rows = [
+def candidate_rows(n: int = 30) -> list[dict]:
+    return [
         {"id": i, "label": "positive" if i % 2 else "negative", "match_loss": (i * 37 % 11) / 10}
-        for i in range(30)
+        for i in range(n)
     ]
-    groups = gradmm_groups(rows, k=2, groups=3)
+
+
+def test_gradmm_groups_are_disjoint_and_keep_the_k_lowest_losses_per_class():
+    rows = candidate_rows()
+    groups = gradmm_groups(rows, 2, 3, None, np.zeros(4))
     ids = [r["id"] for g in groups for r in g]
     assert len(ids) == len(set(ids)) == 12
     for gi, group in enumerate(groups):
@@ -132,6 +139,38 @@ def test_gradmm_groups_are_disjoint_and_keep_the_k_lowest_losses_per_class():
             mine = [r for r in rows if r["label"] == label and r["id"] % 3 == gi]
             want = sorted(mine, key=lambda r: (r["match_loss"], r["id"]))[:2]
             assert [r for r in group if r["label"] == label] == want
+
+
+def test_gradmm_groups_with_gradients_are_the_pipelines_set_matching_per_group():
+    """Each group is what core.selection.match_set (the pipeline's select.rule set_match)
+    chooses from that group's rows, not the lowest losses."""
+    rows = candidate_rows()
+    rng = np.random.default_rng(0)
+    grads, target = rng.normal(size=(len(rows), 4)), rng.normal(size=4)
+    groups = gradmm_groups(rows, 2, 3, grads, target)
+    for gi, group in enumerate(groups):
+        mine = [
+            {"synthetic_id": r["id"], "label": r["label"], "gradient": grads[i]}
+            for i, r in enumerate(rows)
+            if r["id"] % 3 == gi
+        ]
+        want = [r["synthetic_id"] for r in match_set(mine, 2, target)[0]]
+        assert [r["id"] for r in group] == want
+    lowest = gradmm_groups(rows, 2, 3, None, target)
+    assert [[r["id"] for r in g] for g in groups] != [[r["id"] for r in g] for g in lowest]
+
+
+def test_candidate_gradients_are_the_scorers_from_the_same_states(lm):
+    """The benchmark's gradients (from cached features) equal stage 3's (the label_rows space
+    on the training pairs' completion states), row by row."""
+    feats = features(lm)
+    got = candidate_gradients(lm, VERBALIZERS, feats)
+    space = target_space("label_rows", lm, VERBALIZERS)
+    pairs = [
+        encode_pair(lm.tokenizer, format_prompt(TEMPLATE, t), VERBALIZERS[lab]) for t, lab in ROWS
+    ]
+    want = space.example_gradients(*lm.completion_states(pairs))
+    torch.testing.assert_close(torch.from_numpy(got), want.float(), rtol=1e-4, atol=1e-5)
 
 
 def test_compare_and_run_specs():

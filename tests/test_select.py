@@ -13,6 +13,7 @@ from gradmm_ray.core.selection import (
     balance_classes,
     best_rho_per_id,
     dedupe_text,
+    match_set,
     passes_label_check,
     select_rows,
     top_per_class,
@@ -45,7 +46,13 @@ def row(
         "log_ppl": log_ppl,
         "label_prob": label_prob,
         "predicted_label": label if predicted_label is None else predicted_label,
+        # A fixed vector per (id, rho) for set_match: the row's own gradient in the target space.
+        "gradient": np.random.default_rng([sid, int(rho * 10)]).normal(size=GRADIENT_DIMS),
     }
+
+
+GRADIENT_DIMS = 6
+TARGET = np.random.default_rng(99).normal(size=GRADIENT_DIMS)
 
 
 def ids(rows: list[dict]) -> list[int]:
@@ -255,7 +262,7 @@ def _counts(funnel: list[dict]) -> list[tuple[str, int, dict]]:
 def test_select_rows_default_funnel_hand_computed():
     """All rules on, per_class 2: 8 -> 7 (label) -> 6 (rho) -> 5 (dedupe) -> 4 (top 2) -> 3
     (balance: positive [0.25, 1.0] mean 0.625 > negative [0.25, 0.5] mean 0.375, drops 1.0)."""
-    sel = select_rows(fixture_rows(), SelectConfig(per_class=2), LABELS)
+    sel = select_rows(fixture_rows(), SelectConfig(per_class=2, rule="lowest_loss"), LABELS)
     assert ids(sel.rows) == [0, 4, 5]
     assert sel.rows[0]["rho"] == 1.0
     assert _counts(sel.funnel) == [
@@ -281,7 +288,8 @@ def test_select_rows_min_label_prob():
 
 def test_select_rows_label_check_off_hand_computed():
     """label_check off: id 2 (score 0) survives and wins its class."""
-    sel = select_rows(fixture_rows(), SelectConfig(per_class=2, label_check=False), LABELS)
+    cfg = SelectConfig(per_class=2, label_check=False, rule="lowest_loss")
+    sel = select_rows(fixture_rows(), cfg, LABELS)
     assert [f["step"] for f in sel.funnel] == [
         "candidates",
         "best_rho",
@@ -300,6 +308,8 @@ FLAG_CASES = {
     "no_per_class": {"per_class": None},
     "no_balance": {"balance": False},
     "all_off": {"label_check": False, "dedupe": False, "per_class": None, "balance": False},
+    "set_match": {"rule": "set_match"},  # balance stays on: it applies to lowest_loss only
+    "set_match_no_per_class": {"rule": "set_match", "per_class": None},
 }
 
 
@@ -315,10 +325,13 @@ def _expected_steps(rows: list[dict], cfg: SelectConfig) -> list[tuple[str, list
     if cfg.dedupe:
         rows = dedupe_text(rows, w)
         steps.append(("dedupe", rows))
-    if cfg.per_class is not None:
+    if cfg.per_class is not None and cfg.rule == "set_match":
+        rows = match_set(rows, cfg.per_class, TARGET)[0]
+        steps.append(("set_match", rows))
+    elif cfg.per_class is not None:
         rows = top_per_class(rows, cfg.per_class, w)
         steps.append(("top_per_class", rows))
-    if cfg.balance:
+    if cfg.balance and cfg.rule == "lowest_loss":
         rows = balance_classes(rows, w, cfg.balance_tolerance)
         steps.append(("balance", rows))
     return steps
@@ -328,8 +341,8 @@ def _expected_steps(rows: list[dict], cfg: SelectConfig) -> list[tuple[str, list
 def test_select_rows_funnel_steps_follow_flags(flags):
     """Steps present iff their rule is on; each count is the rows after that step; per-class
     counts sum to the rows."""
-    cfg = replace(SelectConfig(per_class=2), **flags)
-    sel = select_rows(fixture_rows(), cfg, LABELS)
+    cfg = replace(SelectConfig(per_class=2, rule="lowest_loss"), **flags)
+    sel = select_rows(fixture_rows(), cfg, LABELS, target=TARGET)
     expected = _expected_steps(fixture_rows(), cfg)
     assert [f["step"] for f in sel.funnel] == [s for s, _ in expected]
     for f, (_, rows) in zip(sel.funnel, expected, strict=True):
@@ -341,8 +354,11 @@ def test_select_rows_funnel_steps_follow_flags(flags):
     step_names = {f["step"] for f in sel.funnel}
     assert ("label_check" in step_names) == cfg.label_check
     assert ("dedupe" in step_names) == cfg.dedupe
-    assert ("top_per_class" in step_names) == (cfg.per_class is not None)
-    assert ("balance" in step_names) == cfg.balance
+    lowest = cfg.rule == "lowest_loss"
+    assert ("top_per_class" in step_names) == (cfg.per_class is not None and lowest)
+    assert ("set_match" in step_names) == (cfg.per_class is not None and not lowest)
+    assert ("balance" in step_names) == (cfg.balance and lowest)
+    assert (sel.set_cosine is not None) == ("set_match" in step_names)
     assert {"candidates", "best_rho"} <= step_names
 
 
@@ -382,8 +398,9 @@ def test_select_rows_invariants_random(seed, flags):
     check (when on), normalised texts unique (when dedupe on), one row per synthetic id, and
     balanced classes with more than one row are at or below the lowest pre-balance class mean."""
     rows = random_rows(seed)
-    cfg = replace(SelectConfig(per_class=3, min_label_prob=0.2, ppl_weight=0.05), **flags)
-    sel = select_rows(rows, cfg, RANDOM_LABELS)
+    base = SelectConfig(per_class=3, min_label_prob=0.2, ppl_weight=0.05, rule="lowest_loss")
+    cfg = replace(base, **flags)
+    sel = select_rows(rows, cfg, RANDOM_LABELS, target=TARGET)
     out = sel.rows
     assert all(any(r is x for x in rows) for r in out)
     assert len(set(ids(out))) == len(out)
@@ -399,7 +416,12 @@ def test_select_rows_invariants_random(seed, flags):
     # Funnel counts never increase.
     sizes = [f["rows"] for f in sel.funnel]
     assert sizes == sorted(sizes, reverse=True)
-    if cfg.balance:
+    if cfg.rule == "set_match" and cfg.per_class is not None:  # exactly per_class where possible
+        before = select_rows(rows, replace(cfg, per_class=None), RANDOM_LABELS).rows
+        for lab in RANDOM_LABELS:
+            available = sum(r["label"] == lab for r in before)
+            assert counts[lab] == min(cfg.per_class, available)
+    if cfg.balance and cfg.rule == "lowest_loss":
         before = select_rows(rows, replace(cfg, balance=False), RANDOM_LABELS).rows
         w = cfg.ppl_weight
 
@@ -416,6 +438,122 @@ def test_select_rows_invariants_random(seed, flags):
                 members = [score(r) for r in out if r["label"] == lab]
                 if len(members) > 1:
                     assert np.mean(members) <= floor + 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# Set matching
+
+
+def match_set_literally(rows: list[dict], per_class: int, target: np.ndarray) -> list[int]:
+    """The rule as written: in rounds, each class in sorted order adds the row that maximises
+    cos(sum of the chosen gradients + its gradient, target), recomputed from scratch; ties to
+    the lower id."""
+    chosen: list[dict] = []
+    for _ in range(per_class):
+        for label in sorted({r["label"] for r in rows}):
+            best, best_cos = None, -np.inf
+            for r in sorted(rows, key=lambda r: r["synthetic_id"]):
+                if r["label"] != label or any(r is c for c in chosen):
+                    continue
+                s = sum((c["gradient"] for c in chosen), np.zeros_like(target)) + r["gradient"]
+                cos = s @ target / (np.linalg.norm(s) * np.linalg.norm(target))
+                if cos > best_cos + 1e-12:
+                    best, best_cos = r, cos
+            if best is not None:
+                chosen.append(best)
+    return sorted(r["synthetic_id"] for r in chosen)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_match_set_equals_the_literal_rule_on_random_tables(seed):
+    """The incremental inner products pick what recomputing every cosine picks; the cosine
+    returned is the chosen set's, computed directly."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 25))
+    rows = [
+        {"synthetic_id": int(i), "label": str(rng.choice(["a", "b", "c"])),
+         "gradient": rng.normal(size=7) * rng.uniform(0.1, 5)}
+        for i in rng.permutation(100)[:n]
+    ]  # fmt: skip
+    target = rng.normal(size=7)
+    per_class = int(rng.integers(1, 5))
+    out, cosine = match_set(rows, per_class, target)
+    assert ids(out) == match_set_literally(rows, per_class, target)
+    s = sum(r["gradient"] for r in out)
+    assert cosine == pytest.approx(s @ target / (np.linalg.norm(s) * np.linalg.norm(target)))
+
+
+def test_match_set_counts_ties_and_short_classes():
+    """per_class rows of every class that has them, all of a class that has fewer; of two rows
+    with the same gradient the lower id wins."""
+    g = np.array([1.0, 0.0])
+    rows = [
+        {"synthetic_id": 7, "label": "pos", "gradient": g},
+        {"synthetic_id": 3, "label": "pos", "gradient": g},
+        {"synthetic_id": 5, "label": "pos", "gradient": np.array([0.0, 1.0])},
+        {"synthetic_id": 9, "label": "neg", "gradient": g},
+    ]
+    out, _ = match_set(rows, 1, np.array([1.0, 0.0]))
+    assert ids(out) == [3, 9]
+    out, _ = match_set(rows, 2, np.array([1.0, 0.0]))
+    assert sorted(ids(out)) == [3, 7, 9]
+
+
+def test_match_set_recovers_the_direction_that_per_class_losses_miss():
+    """The failure it exists for, in miniature (binary label_rows: an example's gradient is
+    w·(±h) with w = 1 − p of its label, h = μ + δ, μ shared and large). Each class's target is
+    its real rows' sum, the combined target their sum, which keeps only the separating direction.
+    Per-class cosine (lowest loss) picks confident positives (small w) and unsure negatives
+    (large w) when those lie nearest their class's direction: the set's summed gradient is the negatives' shared part, nearly orthogonal to the
+    real one. Set matching picks rows whose sizes cancel the shared part."""
+    rng = np.random.default_rng(0)
+    d = 8
+    mu = np.zeros(d)
+    mu[0] = 10.0
+    sep = np.zeros(d)
+    sep[1] = 1.0
+
+    def grad(label: str, w: float, noise: float) -> np.ndarray:
+        h = mu + (sep if label == "pos" else -sep) + noise * rng.normal(size=d)
+        sign = -1.0 if label == "pos" else 1.0  # ∂CE/∂(z_pos − z_neg): push towards the label
+        return np.concatenate([sign * w * h, -sign * w * h])
+
+    real = {lab: sum(grad(lab, 0.3, 0.3) for _ in range(50)) for lab in ("pos", "neg")}
+    target = real["pos"] + real["neg"]
+
+    def loss(r):  # the per-class matching loss: 1 − cos(g, own class target)
+        t = real[r["label"]]
+        return 1 - r["gradient"] @ t / (np.linalg.norm(r["gradient"]) * np.linalg.norm(t))
+
+    rows, sid = [], 0
+    # (weight, noise): the rows that are worst as a set lie closest to their class's direction.
+    kinds = {
+        "pos": [(0.02, 0.01)] * 3 + [(0.3, 0.1)] * 2,
+        "neg": [(0.6, 0.01)] * 3 + [(0.3, 0.1)] * 2,
+    }
+    for label, weights in kinds.items():
+        for w, noise in weights:
+            rows.append({"synthetic_id": sid, "label": label, "gradient": grad(label, w, noise)})
+            sid += 1
+    for r in rows:
+        r["match_loss"] = loss(r)
+
+    def cos_of(chosen):
+        s = sum(r["gradient"] for r in chosen)
+        return float(s @ target / (np.linalg.norm(s) * np.linalg.norm(target)))
+
+    per_class_choice = []
+    for label in ("pos", "neg"):
+        per_class_choice += sorted((r for r in rows if r["label"] == label), key=loss)[:2]
+    out, cosine = match_set(rows, 2, target)
+    assert cosine == pytest.approx(cos_of(out))
+    assert cosine > 0.9
+    assert cos_of(per_class_choice) < 0.5
+
+
+def test_select_rows_set_match_needs_its_target():
+    with pytest.raises(AssertionError, match="set_match without a target"):
+        select_rows(fixture_rows(), SelectConfig(per_class=2, rule="set_match"), LABELS)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from torch import Tensor
 from gradmm_ray.bench.references import head_only_copy
 from gradmm_ray.core.headgrad import per_example_head_grads
 from gradmm_ray.core.lm import CausalLM
-from gradmm_ray.core.target_space import target_space
+from gradmm_ray.core.target_space import combined_target, target_space
 from gradmm_ray.core.text import encode_pair, format_prompt
 from gradmm_ray.errors import DataError
 
@@ -125,6 +125,21 @@ def test_label_rows_match_loss_equals_cosines_of_materialised_gradients(arch):
         if G_b is not None:
             terms.append(1 - F.cosine_similarity(e_b.double(), G_b.double(), dim=0))
         assert float(loss[i]) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
+
+
+def test_example_gradients_are_the_brute_force_gradients_in_the_release_layout(arch):
+    """example_gradients row i = flat(g_{W_S}, g_{b_S}) of example i, the layout in which
+    combined_target flattens a release (weight rows, then bias where the head has one)."""
+    lm, space, brute = arch
+    got = space.example_gradients(*lm.completion_states(pairs_of(lm)))
+    assert got.shape == (len(ROWS), space.dims)
+    for i, g in enumerate(brute):
+        assert_grad_close(got[i].double(), flat(*g))
+    released = {
+        label: {"weight": brute[i][0]} | ({} if brute[i][1] is None else {"bias": brute[i][1]})
+        for i, label in enumerate(["a", "b"])
+    }
+    torch.testing.assert_close(combined_target(released), flat(*brute[0]) + flat(*brute[1]))
 
 
 def test_full_head_space_is_the_head(tiny_archs):

@@ -24,8 +24,9 @@ generation or by any choice.
    and an independent label check (a few-shot prompt in another format, hand-written
    demonstrations) on the synthetic rows and, to calibrate it, on TEST.
 
-Grids: quick (`make quality`, ~30 min on 2 CPU cores): label_rows, m in {5, 50} at epsilon inf
-and the 2,000-row pool at epsilon 1, k in {4, 8}, 3 GRADMM groups, 10 random draws. full: both
+Grids: quick (`make quality`, ~35 min on 2 CPU cores): label_rows, m = 50 at epsilon inf and the
+2,000-row pool at epsilon 1, 64 candidates per class, k in {4, 8}, 3 GRADMM groups, 10 random
+draws. full: both
 target spaces, m in {5, 50, all}, epsilon in {1, 4, inf}, k in {4, 8, 16, 32}, 5 groups, 20 draws,
 the whole pool (a GPU-sized run). Any flag below overrides its grid's value.
 
@@ -49,6 +50,7 @@ import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -57,6 +59,7 @@ from gradmm_ray.bench.harness import merge_write  # noqa: E402
 from gradmm_ray.config import Config  # noqa: E402
 from gradmm_ray.core.coreset import herding, kcenter_greedy  # noqa: E402
 from gradmm_ray.core.scoring import completion_logprobs  # noqa: E402
+from gradmm_ray.core.selection import match_set  # noqa: E402
 from gradmm_ray.core.text import encode_pair, encode_prompt  # noqa: E402
 from gradmm_ray.io.real_data import stratified_sample  # noqa: E402
 
@@ -76,14 +79,14 @@ CHECK_TEMPLATE = "Input: {text}\nLabel:"
 CHECK_TEST_ROWS = 400  # real TEST rows that calibrate the check (~2 min on 2 cores)
 
 GRIDS = {
-    # ~30 minutes on 2 CPU cores: GRADMM from 5 and 50 real rows per class without noise, and
+    # ~35 minutes on 2 CPU cores: GRADMM from 50 real rows per class without noise, and
     # from the (capped) pool at epsilon 1.
     "quick": dict(
-        runs=("label_rows:5:inf", "label_rows:50:inf", "label_rows:all:1"),
+        runs=("label_rows:50:inf", "label_rows:all:1"),
         per_class="4,8",
         seeds=3,
         real_seeds=10,
-        candidates=28,
+        candidates=64,  # per group ~4k candidates per class for k = 4: room for set matching
         pool_rows=2000,
     ),
     # The issue's grid: days on a CPU, hours on a GPU.
@@ -204,11 +207,15 @@ def generation_rows(pool: list[dict], m: str) -> list[int]:
     return stratified_sample(labels, per_class=int(m), max_examples=None, seed=SPLIT_SEED).tolist()
 
 
-def generate(run: GenerationRun, source: Path, out: Path, candidates: int) -> list[dict]:
-    """distill.py in-process; the candidates that passed stage 3's label check and de-duplication."""
+def generate(run: GenerationRun, source: Path, out: Path, candidates: int) -> Generated:
+    """distill.py in-process; the candidates that passed stage 3's label check and de-duplication,
+    and the release's combined target (what the set-matching selection matches)."""
     import pyarrow.parquet as pq
 
+    from gradmm_ray.core.target_space import combined_target
     from gradmm_ray.distill import cli
+    from gradmm_ray.distributed.targets import read_targets
+    from gradmm_ray.io.storage import OutputDir
 
     folder = out / "runs" / run.name.replace("/", "_")
     argv = ["--data", str(source), "--output", str(folder)]
@@ -217,7 +224,8 @@ def generate(run: GenerationRun, source: Path, out: Path, candidates: int) -> li
         f"privacy.epsilon={run.epsilon}",
         "privacy.sample_rate=1.0",  # the m rows ARE the private dataset here
         f"solve.candidates_per_class={candidates}",
-        "select.per_class=null",
+        "select.per_class=null",  # every candidate; each group is selected below
+        f"select.rule={'set_match' if run.space == 'label_rows' else 'lowest_loss'}",
         "select.balance=false",
     ]
     for s in settings:
@@ -225,19 +233,64 @@ def generate(run: GenerationRun, source: Path, out: Path, candidates: int) -> li
     rc = cli.main(argv)
     if rc != 0:
         raise SystemExit(f"quality.py: error: distill.py failed for {run.name} (exit code {rc})")
-    return pq.read_table(folder / "synthetic.parquet").to_pylist()
+    rows = pq.read_table(folder / "synthetic.parquet").to_pylist()
+    targets, _ = read_targets(OutputDir(str(folder)))
+    return Generated(rows, combined_target(targets).numpy())
 
 
-def gradmm_groups(rows: list[dict], k: int, groups: int) -> list[list[dict]]:
-    """Disjoint groups by synthetic id; in each, the k lowest matching losses per class."""
+@dataclass
+class Generated:
+    rows: list[dict]  # synthetic.parquet's rows: every candidate that passed stage 3's filters
+    target: np.ndarray  # the release's combined target (core.target_space.combined_target)
+
+
+def gradmm_groups(
+    rows: list[dict], k: int, groups: int, gradients: np.ndarray | None, target: np.ndarray
+) -> list[list[dict]]:
+    """Disjoint groups by synthetic id (independent solves); in each, k rows per class chosen by
+    the pipeline's set matching (``gradients``: each row's own, in the release's space) or, with
+    no gradients, the paper's rule: the k lowest matching losses."""
     out = []
     for g in range(groups):
-        chosen = []
-        for label in ("negative", "positive"):
-            mine = [r for r in rows if r["label"] == label and r["id"] % groups == g]
-            chosen += sorted(mine, key=lambda r: (r["match_loss"], r["id"]))[:k]
+        mine = [i for i, r in enumerate(rows) if r["id"] % groups == g]
+        if gradients is not None:
+            keyed = [
+                {"synthetic_id": rows[i]["id"], "label": rows[i]["label"], "gradient": gradients[i],
+                 "i": i}
+                for i in mine
+            ]  # fmt: skip
+            chosen = [rows[c["i"]] for c in match_set(keyed, k, target)[0]]
+        else:
+            chosen = []
+            for label in ("negative", "positive"):
+                of_label = [rows[i] for i in mine if rows[i]["label"] == label]
+                chosen += sorted(of_label, key=lambda r: (r["match_loss"], r["id"]))[:k]
         out.append(chosen)
     return out
+
+
+# The product's selection (select.rule: set_match, for label_rows) and the paper's, as an
+# ablation; full_head runs select by the paper's rule only (set_match needs label_rows).
+RULES = ("set_match", "lowest_loss")
+ABLATION = " (paper's lowest-loss selection)"
+
+
+def gradmm_method(run: GenerationRun, rule: str) -> str:
+    product = "set_match" if run.space == "label_rows" else "lowest_loss"
+    return f"GRADMM {run.name}" + ("" if rule == product else ABLATION)
+
+
+def candidate_gradients(lm, verbalizers: dict[str, str], feats: last_layer.Features) -> np.ndarray:
+    """Each candidate's own label_rows gradient at the pretrained model (as stage 3's scorer
+    computes it, from the same hidden state), (N, |S|·(d + 1 if biased)) float32."""
+    from gradmm_ray.core.target_space import single_token_ids, target_space
+
+    space = target_space("label_rows", lm, verbalizers)
+    ids = torch.tensor(single_token_ids(lm.tokenizer, verbalizers))[feats.y].view(-1, 1)
+    A = feats.h.to(space.W.device).unsqueeze(1)  # (N, 1, d): the first completion position
+    mask = torch.ones(ids.shape, dtype=torch.bool)
+    with torch.no_grad():
+        return space.example_gradients(A, ids.to(A.device), mask.to(A.device)).float().cpu().numpy()
 
 
 class Scorer:
@@ -449,7 +502,7 @@ def main(argv=None) -> int:
     timings: dict[str, float] = {}
 
     # 1. Generation (Ray, in-process): before the model is loaded here, to leave the CPUs to it.
-    candidates: dict[str, list[dict]] = {}
+    generated: dict[str, Generated] = {}
     m_rows: dict[str, list[int]] = {}
     for run in args.runs:
         t0 = time.perf_counter()
@@ -457,8 +510,9 @@ def main(argv=None) -> int:
         source = write_jsonl(
             out / "data" / f"m{run.m}.jsonl", [pool_rows[i] for i in m_rows[run.m]]
         )
-        candidates[run.name] = generate(run, source, out, args.candidates)
+        generated[run.name] = generate(run, source, out, args.candidates)
         timings[f"generate {run.name}"] = round(time.perf_counter() - t0, 1)
+    candidates = {name: g.rows for name, g in generated.items()}
     import ray
 
     if ray.is_initialized():
@@ -502,6 +556,17 @@ def main(argv=None) -> int:
     synthetic = {name: features(rows, name) if rows else None for name, rows in candidates.items()}
     timings["features"] = round(time.perf_counter() - t0, 1)
     head = last_layer.LabelHead.of(lm, verbalizers)
+    # Each candidate's own gradient in the release's space, for the set matching (label_rows).
+    gradients = {
+        run.name: candidate_gradients(lm, verbalizers, synthetic[run.name])
+        for run in args.runs
+        if run.space == "label_rows" and synthetic[run.name] is not None
+    }
+
+    def groups_of(run: GenerationRun, k: int, n: int, rule: str) -> list[list[dict]]:
+        grads = gradients.get(run.name) if rule == "set_match" else None
+        return gradmm_groups(candidates[run.name], k, n, grads, generated[run.name].target)
+
     by_class = {c: (pool.y == c).nonzero().flatten().tolist() for c in (0, 1)}
 
     # 3. Protocol (a).
@@ -530,12 +595,15 @@ def main(argv=None) -> int:
         for run in args.runs:
             rows = candidates[run.name]
             feats = synthetic[run.name]
-            groups = [g for g in gradmm_groups(rows, k, args.seeds) if g]
             index = {r["id"]: i for i, r in enumerate(rows)}
-            sets = [feats.subset([index[r["id"]] for r in g]) for g in groups] if feats else []
-            entry = evaluate_sets(head, sets, dev, test, pool) if sets else {"n_train": 0}
-            entry["short_groups"] = sum(len(g) < 2 * k for g in groups) + args.seeds - len(groups)
-            results[f"k{k}/GRADMM {run.name}"] = entry
+            for rule in RULES if run.name in gradients else ("lowest_loss",):
+                groups = [g for g in groups_of(run, k, args.seeds, rule) if g]
+                sets = [feats.subset([index[r["id"]] for r in g]) for g in groups] if feats else []
+                entry = evaluate_sets(head, sets, dev, test, pool) if sets else {"n_train": 0}
+                entry["short_groups"] = (
+                    sum(len(g) < 2 * k for g in groups) + args.seeds - len(groups)
+                )
+                results[f"k{k}/{gradmm_method(run, rule)}"] = entry
     timings["protocol_a"] = round(time.perf_counter() - t0, 1)
 
     protocol_b_results = {}
@@ -550,8 +618,9 @@ def main(argv=None) -> int:
             ],
         }
         for run in args.runs:
-            groups = gradmm_groups(candidates[run.name], k, args.b_seeds)
-            sets[f"GRADMM {run.name}"] = [g for g in groups if g]
+            rule = "set_match" if run.name in gradients else "lowest_loss"
+            groups = groups_of(run, k, args.b_seeds, rule)
+            sets[gradmm_method(run, rule)] = [g for g in groups if g]
         protocol_b_results = protocol_b(
             lm, cfg, sets, dev_rows[: args.b_eval_rows], test_rows[: args.b_eval_rows],
             steps=args.b_steps, lrs=tuple(float(x) for x in args.b_lrs.split(",")), k=k,
@@ -662,6 +731,17 @@ def verdict(q: dict, ks: list[int]) -> str:
     return "; ".join(parts)
 
 
+def table_methods(q: dict) -> list[str]:
+    """The baselines, then per generation run GRADMM as the product selects (and, for
+    label_rows, the paper's selection as an ablation)."""
+    methods = ["random real", "herding", "k-center"]
+    for name in q["settings"]["runs"]:
+        methods.append(f"GRADMM {name}")
+        if name.startswith("label_rows/"):
+            methods.append(f"GRADMM {name}{ABLATION}")
+    return methods
+
+
 def write_results(out: Path, q: dict) -> None:
     from gradmm_ray.provenance import png_bytes
 
@@ -678,7 +758,7 @@ def write_results(out: Path, q: dict) -> None:
 
     s = q["settings"]
     ks = s["per_class"]
-    methods = ["random real", "herding", "k-center"] + [f"GRADMM {r}" for r in s["runs"]]
+    methods = table_methods(q)
     lines = [
         "# Quality benchmark: SmolLM2-135M-Instruct on rt-snippets",
         "",
@@ -774,9 +854,7 @@ def plot_accuracy(q: dict):
 
     res, ks = q["protocol_a"], q["settings"]["per_class"]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for m in ["random real", "herding", "k-center"] + [
-        f"GRADMM {r}" for r in q["settings"]["runs"]
-    ]:
+    for m in table_methods(q):
         pts = [(k, res[f"k{k}/{m}"]) for k in ks if "test_accuracy" in res.get(f"k{k}/{m}", {})]
         if pts:
             ax.errorbar(

@@ -40,6 +40,7 @@ from gradmm_ray.core.headgrad import (
     head_logits,
     logits_grad,
     match_loss,
+    per_example_head_grads,
 )
 from gradmm_ray.core.lm import CausalLM
 from gradmm_ray.core.text import check_verbalizers
@@ -110,12 +111,31 @@ class TargetSpace:
         """Stage 1's computation for a micro-batch of training pairs (ids, prompt length)."""
         return self.clipped_sum(*lm.completion_states(pairs), clip_norm)
 
+    def example_gradients(self, A: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+        """Each example's gradient in this space, unclipped, laid out as ``combined_target``:
+        (N, dims). Materialised, so meant for label_rows (|S|·(d + 1) entries each);
+        the set-matching selection sums them."""
+        A, B = self.logits_grad(A, targets, mask)
+        g_W, g_b = per_example_head_grads(A, B)
+        return torch.cat([g_W.flatten(1)] + ([g_b] if self.b is not None else []), dim=1)
+
     def match_loss(
         self, A: Tensor, targets: Tensor, mask: Tensor, G_W: Tensor, G_b: Tensor | None
     ) -> Tensor:
         """Per-example mean over head tensors of 1 − cos(g, G), (N,); differentiable in A."""
         A, B = self.logits_grad(A, targets, mask)
         return match_loss(A, B, G_W, G_b)
+
+
+def combined_target(released: dict[str, dict[str, Tensor]]) -> Tensor:
+    """The sum of every class's released target as one float64 vector (weight rows, then the
+    bias where the head has one): the real data's whole gradient up to scale, which the
+    set-matching selection matches (post-processing of the release)."""
+    flat = [
+        torch.cat([t["weight"].flatten()] + ([t["bias"].flatten()] if "bias" in t else []))
+        for t in released.values()
+    ]
+    return torch.stack(flat).double().sum(0)
 
 
 def target_space(

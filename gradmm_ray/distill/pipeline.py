@@ -110,10 +110,11 @@ def _run_locked(prep: Prepared) -> RunSummary:
 
 def _run_stages(prep: Prepared, summary: RunSummary) -> None:
     from gradmm_ray.core.selection import select_rows
+    from gradmm_ray.core.target_space import combined_target
     from gradmm_ray.distill import report
     from gradmm_ray.distill.output import SYNTHETIC_FILE, synthetic_table
     from gradmm_ray.distributed.ray_env import stage_errors
-    from gradmm_ray.distributed.select import score_candidates
+    from gradmm_ray.distributed.select import score_candidates, split_gradients
     from gradmm_ray.distributed.solve import read_solves, run_solve
     from gradmm_ray.distributed.targets import read_targets, run_targets
 
@@ -148,11 +149,23 @@ def _run_stages(prep: Prepared, summary: RunSummary) -> None:
             raise OutputError(f"output {out.uri!r} has no solves: run the solve stage first")
         with stage_errors("select"):
             scored = score_candidates(solves, targets, cfg)
-        selection = select_rows(scored.to_pylist(), cfg.select, sorted(cfg.data.verbalizers))
+        scored, gradients = split_gradients(scored)
+        rows = scored.to_pylist()
+        if gradients is not None:
+            for row, gradient in zip(rows, gradients, strict=True):
+                row["gradient"] = gradient
+        selection = select_rows(
+            rows,
+            cfg.select,
+            sorted(cfg.data.verbalizers),
+            target=combined_target(targets).numpy() if gradients is not None else None,
+        )
         out.write_parquet(SYNTHETIC_FILE, synthetic_table(selection.rows, cfg))
         summary.timings["select"] = time.perf_counter() - t0
         summary.counts["funnel"] = selection.funnel
         summary.counts["selected"] = len(selection.rows)
+        if selection.set_cosine is not None:
+            summary.counts["set_cosine"] = round(selection.set_cosine, 4)
         summary.files.append(SYNTHETIC_FILE)
         audit = None
         if cfg.audit.enabled:

@@ -194,9 +194,7 @@ def write_report(
         "",
         "## Selection funnel",
         "",
-        "Rows of synthetic candidates after each step. `balance` equalises quality, not counts: "
-        "each class drops its worst rows until its mean score is at or below the lowest class "
-        "mean, so the classes can end with different numbers of rows.",
+        "Rows of synthetic candidates after each step. " + selection_rule_sentence(cfg, selection),
         "",
         "| step | rows | " + " | ".join(sorted(selection.funnel[0]["per_class"])) + " |",
         "|---|---|" + "---|" * len(selection.funnel[0]["per_class"]),
@@ -241,6 +239,23 @@ def write_report(
     return [REPORT_FILE, *plots]
 
 
+def selection_rule_sentence(cfg: Config, selection) -> str:
+    if selection.set_cosine is not None:
+        return (
+            "`set_match` chose the rows, class by class in rounds, whose gradients summed point "
+            "most nearly where the release's combined target (all classes' noisy sums) points: "
+            f"cosine {selection.set_cosine:.3f} for the selected set (1 = the same direction; "
+            "fine-tuning on the set then starts along the real data's gradient)."
+        )
+    if cfg.select.rule == "lowest_loss" and cfg.select.balance:
+        return (
+            "`balance` equalises quality, not counts: each class drops its worst rows until its "
+            "mean score is at or below the lowest class mean, so the classes can end with "
+            "different numbers of rows."
+        )
+    return ""
+
+
 def format_summary(summary) -> str:
     lines = [
         f"gradmm-ray: done ({summary.mode} run, {summary.cluster})",
@@ -257,7 +272,15 @@ def format_summary(summary) -> str:
             + (f" (first result after {first:.1f}s)" if first is not None else "")
         )
     if "funnel" in c:
-        lines.append("  select   " + " -> ".join(f"{f['step']} {f['rows']}" for f in c["funnel"]))
+        lines.append(
+            "  select   "
+            + " -> ".join(f"{f['step']} {f['rows']}" for f in c["funnel"])
+            + (
+                f" (the set's gradient vs the target: cosine {c['set_cosine']:.3f})"
+                if "set_cosine" in c
+                else ""
+            )
+        )
         empty = [label for label, n in c["funnel"][-1]["per_class"].items() if n == 0]
         if empty:
             lines.append(

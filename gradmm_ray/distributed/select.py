@@ -6,7 +6,9 @@ Scores per candidate (an actor pool, since they need the LM):
     demonstrations (paper Sec. 4.4, Appendix B);
   * ``match_loss``: the matching loss of the final training pair, tokenised as fine-tuning will
     see it, against the released target of its label, in the released target's space;
-  * ``log_ppl``: mean token NLL of the text under the LM given the label's generation prefix.
+  * ``log_ppl``: mean token NLL of the text under the LM given the label's generation prefix;
+  * ``gradient`` (select.rule set_match): that pair's own gradient in the released space, for
+    the set matching that follows (float32 bytes: a plain Arrow column, read by ``gradients``).
 
 The selection rules that follow are pure (gradmm_ray.core.selection). Reads the solves and the
 released targets only, never real data.
@@ -52,6 +54,7 @@ class CandidateScorer:
             cfg.select.few_shot, cfg.data.prompt_template, cfg.data.verbalizers
         )
         self.labels = sorted(cfg.data.verbalizers)
+        self.with_gradients = cfg.select.rule == "set_match"
 
     # no_grad, not inference_mode: a model with a logits tail (Gemma-2's soft-cap) takes B by
     # autograd through that tail, which inference tensors refuse.
@@ -90,6 +93,7 @@ class CandidateScorer:
         log_ppl = -(total / count)
         # Matching loss of the final training pair.
         final_loss = torch.empty(len(texts))
+        grads = torch.empty((len(texts), self.space.dims)) if self.with_gradients else None
         for label in sorted(set(labels)):
             idx = [i for i, lab in enumerate(labels) if lab == label]
             pairs = [
@@ -98,7 +102,11 @@ class CandidateScorer:
             ]
             states = self.lm.completion_states(pairs)  # A (n, T, d), targets, mask
             final_loss[idx] = self.space.match_loss(*states, *self.targets[label]).cpu()
+            if grads is not None:
+                grads[idx] = self.space.example_gradients(*states).cpu()
         out = dict(batch)
+        if grads is not None:
+            out["gradient"] = np.array([g.tobytes() for g in grads.numpy()], dtype=object)
         out["label_prob"] = label_prob.numpy()
         out["predicted_label"] = np.array(top_label, dtype=object)
         out["log_ppl"] = log_ppl.numpy()
@@ -123,3 +131,12 @@ def score_candidates(solves: pa.Table, targets: dict, cfg: Config) -> pa.Table:
     )
     table = pa.concat_tables(list(scored.iter_batches(batch_size=None, batch_format="pyarrow")))
     return table.sort_by([("synthetic_id", "ascending"), ("rho", "ascending")])
+
+
+def split_gradients(scored: pa.Table) -> tuple[pa.Table, np.ndarray | None]:
+    """(the scores without the ``gradient`` column, the gradients as (rows, dims) float32)."""
+    if "gradient" not in scored.column_names:
+        return scored, None
+    raw = b"".join(scored.column("gradient").to_pylist())
+    grads = np.frombuffer(raw, dtype=np.float32).reshape(scored.num_rows, -1)
+    return scored.drop_columns(["gradient"]), grads
