@@ -105,11 +105,13 @@ class ModelConfig:
 class PrivacyConfig:
     epsilon: float = _result(1.0)  # .inf = no noise
     delta: float = _result(1e-4)
-    # C, in the units of one example's gradient: about its median norm keeps the weight (1 − p)
-    # that fine-tuning gives each row. SmolLM2 under label_rows: median 20 (README, Quality); at
-    # C 1 every row is clipped to a unit vector and the classes' sum points elsewhere (cos 0.3
-    # with the real gradient, 0.99 at C 20). null = no clipping (only with epsilon .inf).
-    clip_norm: float | None = _result(20.0)
+    # C, in the units of one example's gradient (model-dependent: ‖p − onehot‖·‖h‖, h the head's
+    # input). About the median norm keeps the weight (1 − p) fine-tuning gives each row; at C 1
+    # SmolLM2's rows are all clipped to unit vectors and the classes' sum points elsewhere (cos
+    # 0.3 with the real gradient; 0.99 at its median, ~20: README, Quality). auto: half the
+    # model's head-input norm on public text (core.target_space.public_clip_norm), set once
+    # before stage 1 and recorded. null = no clipping (only with epsilon .inf).
+    clip_norm: float | str | None = _result("auto")
     adjacency: str = _result("add_remove")  # or replace_one (sensitivity 2C)
     # Poisson sampling of the real rows (each kept with this probability, secure randomness);
     # the accountant credits the amplification. 1 = every row.
@@ -495,8 +497,10 @@ def validate(cfg: Config) -> list[str]:
     need(p.epsilon > 0, f"privacy.epsilon: got {p.epsilon}, expected > 0 (.inf for no noise)")
     need(0 < p.delta < 1, f"privacy.delta: got {p.delta}, expected a value in (0, 1)")
     need(
-        p.clip_norm is None or p.clip_norm > 0,
-        f"privacy.clip_norm: got {p.clip_norm}, expected > 0 or null",
+        p.clip_norm is None
+        or p.clip_norm == "auto"
+        or (isinstance(p.clip_norm, float | int) and p.clip_norm > 0),
+        f"privacy.clip_norm: got {p.clip_norm!r}, expected > 0, auto or null",
     )
     need(
         not (p.clip_norm is None and math.isfinite(p.epsilon)),

@@ -247,7 +247,7 @@ def test_folder_file_without_label_column(capsys, out, tmp_path):
         ("privacy.epsilon=-1", ["privacy.epsilon", "got -1.0", "> 0"]),
         ("privacy.delta=0", ["privacy.delta", "got 0.0", "(0, 1)"]),
         ("privacy.delta=1", ["privacy.delta", "got 1.0", "(0, 1)"]),
-        ("privacy.clip_norm=0", ["privacy.clip_norm", "got 0.0", "> 0 or null"]),
+        ("privacy.clip_norm=0", ["privacy.clip_norm", "got 0.0", "> 0, auto or null"]),
         ("privacy.clip_norm=null", ["privacy.clip_norm", "null", ".inf", "epsilon 1.0"]),
     ],
 )

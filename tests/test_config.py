@@ -51,7 +51,7 @@ def test_defaults_are_the_embedded_demo():
     assert cfg.data.generation_chat == "auto"
     assert cfg.model.name == "smollm2-135m"
     assert cfg.targets.gradient == "label_rows"
-    assert (cfg.privacy.epsilon, cfg.privacy.delta, cfg.privacy.clip_norm) == (1.0, 1e-4, 20.0)
+    assert (cfg.privacy.epsilon, cfg.privacy.delta, cfg.privacy.clip_norm) == (1.0, 1e-4, "auto")
     assert cfg.privacy.adjacency == "add_remove"
     assert cfg.admm.rho == (1.0,)
     assert (cfg.admm.projection, cfg.admm.topk) == ("paper", 3)
@@ -333,7 +333,10 @@ def test_unknown_key_in_yaml_file(tmp_path):
     [
         ({"admm": {"num_tokens": "many"}}, "admm.num_tokens: got 'many', expected int"),
         ({"select": {"label_check": "maybe"}}, "select.label_check: got 'maybe', expected bool"),
-        ({"privacy": {"clip_norm": "big"}}, "privacy.clip_norm: got 'big', expected float or null"),
+        (
+            {"privacy": {"clip_norm": [1]}},
+            "privacy.clip_norm: got [1], expected float or str or null",
+        ),
         ({"admm": {"rho": ["x"]}}, "admm.rho[0]: got 'x', expected float"),
         ({"seed": 1.5}, "seed: got 1.5, expected int"),
         ({"privacy": 3}, "privacy: got 3, expected a mapping of PrivacyConfig"),
@@ -363,8 +366,9 @@ def test_type_error_through_set():
         ({"privacy": {"delta": 0}}, ["privacy.delta", "got 0.0", "(0, 1)"]),
         ({"privacy": {"delta": 1}}, ["privacy.delta", "got 1.0", "(0, 1)"]),
         ({"privacy": {"delta": 1.5}}, ["privacy.delta", "got 1.5", "(0, 1)"]),
-        ({"privacy": {"clip_norm": 0}}, ["privacy.clip_norm", "got 0.0", "> 0 or null"]),
-        ({"privacy": {"clip_norm": -2}}, ["privacy.clip_norm", "got -2.0", "> 0 or null"]),
+        ({"privacy": {"clip_norm": 0}}, ["privacy.clip_norm", "got 0.0", "> 0, auto or null"]),
+        ({"privacy": {"clip_norm": -2}}, ["privacy.clip_norm", "got -2.0", "> 0, auto or null"]),
+        ({"privacy": {"clip_norm": "big"}}, ["privacy.clip_norm", "got 'big'", "auto"]),
         (
             {"privacy": {"clip_norm": None, "epsilon": 2}},
             ["privacy.clip_norm", "null", "privacy.epsilon = .inf", "epsilon 2.0"],

@@ -284,13 +284,15 @@ def test_label_rows_target_end_to_end(ray_session, canary_data, tmp_path):
     |S|·(d [+ 1]), and the selected rows' match_loss is a 1 - cos in that space. With
     select.rule set_match the scorer's per-row gradients cross Ray to the selection: its step
     ends the funnel with per_class rows per class, and the manifest and report give the set's
-    cosine to the combined target."""
+    cosine to the combined target. privacy.clip_norm auto: the release was clipped and noised
+    at the public calibration's value, computed once (the record says so)."""
     from gradmm_ray.core.lm import load_causal_lm
+    from gradmm_ray.core.target_space import public_clip_norm
 
     out = tmp_path / "out"
     argv = ["--data", str(canary_data), "--output", str(out), *FAST]
     settings = ["--set", "targets.gradient=label_rows", "--set", "select.rule=set_match"]
-    assert cli.main([*argv, *settings]) == 0
+    assert cli.main([*argv, *settings, "--set", "privacy.clip_norm=auto"]) == 0
     lm = load_causal_lm("tiny", dtype="float32", device="cpu")
     K, d = len(Config().data.verbalizers), lm.head.weight.shape[1]
     from safetensors import safe_open
@@ -302,6 +304,12 @@ def test_label_rows_target_end_to_end(ray_session, canary_data, tmp_path):
             assert tuple(f.get_tensor(f"{label}/weight").shape) == (K, d)
             assert (f"{label}/bias" in keys) == lm.has_head_bias
     record = meta["privacy"]
+    data = TINY.data
+    prefixes = [data.generation_prefix.format(label=label) for label in sorted(data.verbalizers)]
+    C = round(public_clip_norm(lm, data.prompt_template, data.verbalizers, prefixes), 4)
+    assert record["clip_norm"] == pytest.approx(C, rel=1e-4) and TINY.privacy.clip_norm != C
+    assert record["clip_norm_source"].startswith("auto")
+    assert record["noise_std_of_sum"] == pytest.approx(record["noise_multiplier"] * C, rel=1e-4)
     assert record["target_space"] == "label_rows"
     assert record["target_dims"] == K * (d + (1 if lm.has_head_bias else 0))
     assert set(record["noise_to_signal"]) == {"positive", "negative"}

@@ -180,6 +180,12 @@ def _zero_sums(V: int = 2000, d: int = 256) -> dict[str, dict[str, torch.Tensor]
     }
 
 
+def privacy_config(**kw) -> PrivacyConfig:
+    """A PrivacyConfig with a set clip norm, C = 1 (the default, auto, is resolved by stage 1
+    from the model)."""
+    return PrivacyConfig(**({"clip_norm": 1.0} | kw))
+
+
 def _record(cfg: PrivacyConfig, **kw):
     kw = {
         "deterministic_caps": False,
@@ -193,7 +199,7 @@ def _record(cfg: PrivacyConfig, **kw):
 def test_epsilon_inf_no_noise_exact_clipped_sums():
     """eps = inf: z = 0, std 0, the release is exactly the sums, and the record says NOT private."""
     assert noise_multiplier(math.inf, 1e-5) == 0.0
-    cfg = PrivacyConfig(epsilon=math.inf)
+    cfg = privacy_config(epsilon=math.inf)
     record = _record(cfg)
     assert record.noise_multiplier == 0.0 and record.noise_std_of_sum == 0.0
     assert record.epsilon == "inf" and record.private is False
@@ -211,7 +217,7 @@ def test_epsilon_inf_no_noise_exact_clipped_sums():
 
 def test_epsilon_inf_without_clipping_record():
     """eps = inf with clipping off: sensitivity inf, still no noise (no NaN from 0 * inf)."""
-    record = _record(PrivacyConfig(epsilon=math.inf, clip_norm=None))
+    record = _record(privacy_config(epsilon=math.inf, clip_norm=None))
     assert record.sensitivity == "inf"
     assert record.noise_std_of_sum == 0.0
 
@@ -221,7 +227,7 @@ def test_noise_statistics_match_z_delta(adjacency, factor):
     """Empirical std of (released - clean) is z * Delta on every entry of the SUM (2%), mean ~0,
     the bias gets noise too, replace-one doubles it, and the two classes' noise is independent."""
     C = 0.5
-    cfg = PrivacyConfig(epsilon=1.0, delta=1e-5, clip_norm=C, adjacency=adjacency)
+    cfg = privacy_config(epsilon=1.0, delta=1e-5, clip_norm=C, adjacency=adjacency)
     z = noise_multiplier(1.0, 1e-5)
     assert sensitivity(cfg) == pytest.approx(factor * C)
     std = noise_std_of_sum(cfg)
@@ -317,7 +323,7 @@ def seed_recovery_attack(cfg: PrivacyConfig, seed: int) -> tuple[float, float]:
 def test_seed_recovery_attack_fails_by_default():
     """Default settings: guessing the seed (the published one and 63 others) and subtracting the
     regenerated draw brings the attacker no closer to the clean sum than the release itself."""
-    before, after = seed_recovery_attack(PrivacyConfig(epsilon=1.0), seed=7)
+    before, after = seed_recovery_attack(privacy_config(epsilon=1.0), seed=7)
     assert before < 0.5  # the release is mostly noise at this size: the attack has room
     assert after <= before + 0.05
 
@@ -327,7 +333,7 @@ def test_seed_recovery_attack_succeeds_on_insecure_noise():
     exactly (so the test above can fail), and the run warns."""
     with pytest.warns(InsecureNoiseWarning, match="NOT private"):
         _, after = seed_recovery_attack(
-            PrivacyConfig(epsilon=1.0, insecure_reproducible_noise=True), seed=7
+            privacy_config(epsilon=1.0, insecure_reproducible_noise=True), seed=7
         )
     assert after == pytest.approx(1.0, abs=1e-6)
 
@@ -351,25 +357,25 @@ def difference_attack(cfg: PrivacyConfig) -> float:
 def test_difference_attack_fails_by_default():
     """Same settings, neighbouring datasets: the difference of the releases is noise, not the
     row (cos ~ C / (sqrt(2) z C sqrt(D)) ~ 0.01 here)."""
-    assert abs(difference_attack(PrivacyConfig(epsilon=1.0))) < 0.3
+    assert abs(difference_attack(privacy_config(epsilon=1.0))) < 0.3
 
 
 def test_difference_attack_succeeds_on_insecure_noise():
     """The control: identical seeded noise cancels and exposes the row exactly."""
     with pytest.warns(InsecureNoiseWarning):
-        cos = difference_attack(PrivacyConfig(epsilon=1.0, insecure_reproducible_noise=True))
+        cos = difference_attack(privacy_config(epsilon=1.0, insecure_reproducible_noise=True))
     assert cos == pytest.approx(1.0, abs=1e-5)
 
 
 def test_two_default_releases_differ_and_seeded_ones_repeat():
     """Default: two releases of the same sums differ. Insecure mode: same seed, same draw."""
     clean = _clean_sums()
-    secure = PrivacyConfig(epsilon=1.0)
+    secure = privacy_config(epsilon=1.0)
     std = noise_std_of_sum(secure)
     a = release_noisy_sums(clean, std, noise_source(secure, 0))
     b = release_noisy_sums(clean, std, noise_source(secure, 0))
     assert not torch.equal(_flat(a["pos"]), _flat(b["pos"]))
-    insecure = PrivacyConfig(epsilon=1.0, insecure_reproducible_noise=True)
+    insecure = privacy_config(epsilon=1.0, insecure_reproducible_noise=True)
     with pytest.warns(InsecureNoiseWarning):
         c = release_noisy_sums(clean, std, noise_source(insecure, 0))
         d = release_noisy_sums(clean, std, noise_source(insecure, 0))
@@ -452,7 +458,7 @@ def test_privacy_record_fields():
     version, one release, JSON-able; sampling and caps described."""
     from importlib.metadata import version
 
-    cfg = PrivacyConfig(epsilon=0.5, delta=1e-5, clip_norm=2.0, adjacency="replace_one")
+    cfg = privacy_config(epsilon=0.5, delta=1e-5, clip_norm=2.0, adjacency="replace_one")
     rec = _record(cfg, noise_to_signal={"neg": 0.5, "pos": 2.0})
     assert rec.private is True
     assert rec.adjacency == "replace_one" and "replace/one" in rec.note
@@ -468,18 +474,18 @@ def test_privacy_record_fields():
     d = rec.to_dict()
     assert json.loads(json.dumps(d)) == d
     assert not {"n_per_class", "noise_seed", "sigma_of_mean"} & set(d)
-    add_remove = _record(PrivacyConfig())
+    add_remove = _record(privacy_config())
     assert add_remove.adjacency == "add_remove" and "add/remove" in add_remove.note
-    sampled = _record(PrivacyConfig(sample_rate=0.1))
+    sampled = _record(privacy_config(sample_rate=0.1))
     assert sampled.sample_rate == 0.1 and "Poisson" in sampled.sampling
     assert sampled.noise_multiplier == pytest.approx(noise_multiplier(1.0, 1e-4, 0.1))
-    capped = _record(PrivacyConfig(epsilon=math.inf), deterministic_caps=True)
+    capped = _record(privacy_config(epsilon=math.inf), deterministic_caps=True)
     assert "no privacy" in capped.sampling and capped.private is False
 
 
 def test_insecure_record_is_not_private():
     """insecure_reproducible_noise: private false, the note and the noise source say so."""
-    rec = _record(PrivacyConfig(insecure_reproducible_noise=True))
+    rec = _record(privacy_config(insecure_reproducible_noise=True))
     assert rec.private is False
     assert rec.note.startswith("NOT PRIVATE")
     assert "INSECURE" in rec.noise_source

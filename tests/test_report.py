@@ -28,7 +28,7 @@ def test_summary_warns_about_an_empty_class():
 def _with_privacy(noise_to_signal: dict[str, float], **privacy) -> RunSummary:
     summary = _summary({"a": 1, "b": 1})
     record = privacy_record(
-        PrivacyConfig(**privacy),
+        PrivacyConfig(**({"clip_norm": 1.0} | privacy)),
         deterministic_caps=False,
         target_space="full_head",
         target_dims=100,

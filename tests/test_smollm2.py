@@ -22,6 +22,8 @@ from gradmm_ray.core.admm import MatchingObjective, Target, solve_batch
 from gradmm_ray.core.headgrad import per_example_head_grads
 from gradmm_ray.core.lm import CausalLM, load_causal_lm
 from gradmm_ray.core.projection import AUTO_WORD_LIKE_MIN_VOCAB, allowed_token_mask
+from gradmm_ray.core.target_space import target_space
+from gradmm_ray.core.text import encode_pair, format_prompt
 from gradmm_ray.distill import cli
 from gradmm_ray.distill.output import OUTPUT_COLUMNS
 from gradmm_ray.errors import ModelError
@@ -241,6 +243,26 @@ RT_ROWS = [
     ("A tedious mess with nothing to say.", "negative"),
     ("Lifeless performances in a forgettable movie.", "negative"),
 ]
+
+
+def test_auto_clip_norm_is_at_the_scale_of_real_rows_gradients(smol):
+    """privacy.clip_norm auto on the defaults (public text only) leaves most rows of real
+    reviews unclipped, so their weights (1 − p) survive, where C = 1 clips every one of them to
+    a unit vector (on rt-snippets' harder rows: C 21.8 vs their median norm 19.7, README)."""
+    from gradmm_ray.config import Config
+    from gradmm_ray.core.target_space import public_clip_norm
+
+    d = Config().data
+    prefixes = [d.generation_prefix.format(label=label) for label in sorted(d.verbalizers)]
+    C = public_clip_norm(smol, d.prompt_template, d.verbalizers, prefixes)
+    space = target_space("label_rows", smol, d.verbalizers)
+    pairs = [
+        encode_pair(smol.tokenizer, format_prompt(d.prompt_template, t), d.verbalizers[y])
+        for t, y in RT_ROWS
+    ]
+    norms = space.example_gradients(*smol.completion_states(pairs)).norm(dim=1)
+    assert float((norms > C).float().mean()) < 0.5, (C, norms.tolist())
+    assert float(norms.min()) > 1.0  # C = 1 clips every one of them
 
 
 def test_smollm2_end_to_end_through_the_cli(smol, ray_session, tmp_path):

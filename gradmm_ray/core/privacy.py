@@ -106,6 +106,8 @@ def sensitivity(cfg: PrivacyConfig) -> float:
     """L2 sensitivity of the per-class clipped sums to one row (inf when clipping is off)."""
     if cfg.clip_norm is None:
         return math.inf
+    if not isinstance(cfg.clip_norm, float | int):  # "auto" is resolved before stage 1
+        raise AssertionError(f"Internal error: privacy.clip_norm {cfg.clip_norm!r} unresolved")
     return cfg.clip_norm * (2.0 if cfg.adjacency == "replace_one" else 1.0)
 
 
@@ -228,6 +230,7 @@ class PrivacyRecord:
     epsilon: float | str
     delta: float
     clip_norm: float | None
+    clip_norm_source: str  # set in the config, or auto (public_clip_norm: no data read)
     adjacency: str
     sensitivity: float | str
     sampling: str
@@ -259,6 +262,7 @@ def privacy_record(
     target_space: str,
     target_dims: int,
     noise_to_signal: dict[str, float],
+    clip_norm_source: str = "set in the config",
 ) -> PrivacyRecord:
     sample_rate = cfg.sample_rate
     z = noise_multiplier(cfg.epsilon, cfg.delta, sample_rate)
@@ -286,6 +290,7 @@ def privacy_record(
         epsilon="inf" if math.isinf(cfg.epsilon) else cfg.epsilon,
         delta=cfg.delta,
         clip_norm=cfg.clip_norm,
+        clip_norm_source=clip_norm_source,
         adjacency=cfg.adjacency,
         sensitivity="inf" if math.isinf(delta_sens) else delta_sens,
         sampling=sampling,

@@ -29,9 +29,8 @@ def privacy_paragraph(p: dict) -> str:
     """What the release protects, in words, from the record."""
     head = "" if p["private"] else "**NOT PRIVATE.** "
     return (
-        head
-        + f"(epsilon, delta) = ({p['epsilon']}, {p['delta']}), clip norm C = {p['clip_norm']}, "
-        f"noise multiplier z = {p['noise_multiplier']:.4g}, {p['adjacency']} adjacency; unit of "
+        head + f"(epsilon, delta) = ({p['epsilon']}, {p['delta']}), clip norm C = {p['clip_norm']} "
+        f"({p.get('clip_norm_source', 'set in the config')}), noise multiplier z = {p['noise_multiplier']:.4g}, {p['adjacency']} adjacency; unit of "
         f"privacy: {p['unit_of_privacy']}. Sampling: {p['sampling']} (rate {p['sample_rate']:g}). "
         f"Noise: {p['noise_source']}, std {p['noise_std_of_sum']:.3g} on every entry of each "
         f"class's sum. Released: {p['released']}. Counts: {p['counts']}. "

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -35,9 +35,9 @@ from gradmm_ray.core.privacy import (
     release_noisy_sums,
     sampling_seed,
 )
-from gradmm_ray.core.target_space import target_space
+from gradmm_ray.core.target_space import public_clip_norm, target_space
 from gradmm_ray.core.text import encode_pair
-from gradmm_ray.distributed.ray_env import map_on_actor_pool
+from gradmm_ray.distributed.ray_env import actor_gpus, map_on_actor_pool
 from gradmm_ray.errors import OutputError
 from gradmm_ray.io.real_data import RealExamples
 from gradmm_ray.io.storage import OutputDir
@@ -148,10 +148,43 @@ def clean_class_sums(real: RealExamples, cfg: Config) -> dict[str, dict[str, tor
     return sums
 
 
+AUTO_CLIP_SOURCE = (
+    "auto: half the model's median head-input norm on the generation prefixes in the template "
+    "(public text; no data read)"
+)
+
+
+def public_clip_norm_task(cfg: Config) -> float:
+    """Runs where stage 1's actors run (a Ray task with their resources)."""
+    lm = load_model(cfg.model, progress=False)
+    d = cfg.data
+    texts = [d.generation_prefix.format(label=label) for label in sorted(d.verbalizers)]
+    return public_clip_norm(lm, d.prompt_template, d.verbalizers, texts)
+
+
+def resolve_clip_norm(cfg: Config) -> tuple[Config, str]:
+    """(cfg with privacy.clip_norm a number, where it came from). ``auto`` is computed ONCE,
+    before any real row is read, and handed to every actor: the noise is calibrated to that one
+    value, so no actor may clip to another (actors computing it themselves could differ in the
+    last bits on mixed hardware)."""
+    if cfg.privacy.clip_norm != "auto":
+        return cfg, "set in the config"
+    import ray
+
+    t, e = cfg.targets, cfg.execution
+    task = ray.remote(public_clip_norm_task).options(
+        num_gpus=actor_gpus(t.num_gpus), num_cpus=t.num_cpus
+    )
+    timeout = None if e.stall_timeout_s == -1 else e.stall_timeout_s
+    value = round(ray.get(task.remote(cfg), timeout=timeout), 4)
+    return replace(cfg, privacy=replace(cfg.privacy, clip_norm=value)), AUTO_CLIP_SOURCE
+
+
 def run_targets(
     real: RealExamples, cfg: Config, out: OutputDir, *, model_revision: str | None
 ) -> TargetsResult:
     start = time.perf_counter()
+    cfg, clip_source = resolve_clip_norm(cfg)
     sums = clean_class_sums(real, cfg)
     std = noise_std_of_sum(cfg.privacy)
     targets = release_noisy_sums(sums, std, noise_source(cfg.privacy, cfg.seed))
@@ -162,6 +195,7 @@ def run_targets(
         target_space=cfg.targets.gradient,
         target_dims=sum(t.numel() for t in next(iter(targets.values())).values()),
         noise_to_signal={label: noise_to_signal(t, std) for label, t in targets.items()},
+        clip_norm_source=clip_source,
     )
     write_targets(out, targets, record, cfg, model_revision=model_revision)
     return TargetsResult(targets, record, time.perf_counter() - start)
