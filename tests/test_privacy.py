@@ -21,6 +21,7 @@ from gradmm_ray.core.headgrad import (
 )
 from gradmm_ray.core.privacy import (
     InsecureNoiseWarning,
+    combined_noise_to_signal,
     noise_multiplier,
     noise_source,
     noise_std_of_sum,
@@ -270,6 +271,23 @@ def test_noise_to_signal_is_estimated_from_the_release():
     pure = release_noisy_sums({"k": {"weight": torch.zeros(200, 64)}}, 1.0, None)["k"]
     assert noise_to_signal(pure, 1.0) > 3  # ~(D/2)^(1/4) = 9 or inf: noise dominates
     assert noise_to_signal(pure, 0.0) == 0.0
+
+
+def test_combined_noise_to_signal_sees_the_cancelling_classes():
+    """Two class sums that nearly cancel (as on a real LM: cosine −0.99): each class's ratio is
+    small, the sum over classes' is the truth std·√(2D) / ‖S₁ + S₂‖, estimated from the release
+    alone within 5%, and large."""
+    gen = torch.Generator().manual_seed(1)
+    shared = torch.randn(2000, 64, generator=gen, dtype=torch.float64)
+    shared *= 100.0 / shared.norm()
+    apart = torch.randn(2000, 64, generator=gen, dtype=torch.float64)
+    apart *= 5.0 / apart.norm()
+    clean = {"neg": {"weight": -shared}, "pos": {"weight": shared + apart}}
+    std = 0.02
+    out = release_noisy_sums(clean, std, None)
+    truth = std * math.sqrt(2 * shared.numel()) / 5.0
+    assert combined_noise_to_signal(out, std) == pytest.approx(truth, rel=0.05)
+    assert max(noise_to_signal(t, std) for t in out.values()) < truth / 10
 
 
 # ---------------------------------------------------------------------------------------------

@@ -219,6 +219,17 @@ def noise_to_signal(released: dict[str, Tensor], std: float) -> float:
     return math.sqrt(noise_sq / signal_sq) if signal_sq > 0 else math.inf
 
 
+def combined_noise_to_signal(released: dict[str, dict[str, Tensor]], std: float) -> float:
+    """noise_to_signal of the sum over the K classes' releases: K independent noises, std·√K
+    per entry."""
+    labels = sorted(released)
+    total = {
+        name: sum(released[label][name].double() for label in labels)
+        for name in released[labels[0]]
+    }
+    return noise_to_signal(total, std * math.sqrt(len(labels)))
+
+
 # ---------------------------------------------------------------------------------------------
 # The record
 
@@ -243,6 +254,9 @@ class PrivacyRecord:
     target_dims: int  # entries of one class's target: rows·d (+ rows with a head bias)
     # Per class: E‖noise‖ / ‖clean sum‖, estimated from the release (see noise_to_signal).
     noise_to_signal: dict[str, float]
+    # The same for the sum over classes (what select.rule set_match matches): the classes' sums
+    # nearly cancel in it, so its ratio is larger than any class's.
+    noise_to_signal_combined: float
     counts: str
     mechanism: str
     accounting: str
@@ -262,6 +276,7 @@ def privacy_record(
     target_space: str,
     target_dims: int,
     noise_to_signal: dict[str, float],
+    noise_to_signal_combined: float = 0.0,
     clip_norm_source: str = "set in the config",
 ) -> PrivacyRecord:
     sample_rate = cfg.sample_rate
@@ -310,6 +325,7 @@ def privacy_record(
         target_space=target_space,
         target_dims=target_dims,
         noise_to_signal=dict(noise_to_signal),
+        noise_to_signal_combined=noise_to_signal_combined,
         counts="not released: no count of real rows is recorded or printed",
         mechanism="Gaussian mechanism on each class's sum of per-example clipped LM-head "
         "gradients" + (", Poisson-subsampled" if sample_rate < 1.0 else ""),

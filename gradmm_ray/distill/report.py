@@ -21,7 +21,9 @@ def _noise_to_signal_sentence(p: dict) -> str:
         f"Over the {p['target_dims']} entries of a class's target (target space "
         f"{p.get('target_space', 'full_head')}), the noise's norm is about "
         f"{ratios} times the clean sum's (estimated from the release itself); above 1, matching "
-        "mostly fits noise. "
+        "mostly fits noise. For the sum over classes, which select.rule set_match matches and "
+        "in which the classes' sums largely cancel: "
+        f"{p.get('noise_to_signal_combined', float('nan')):.3g}. "
     )
 
 
@@ -292,7 +294,12 @@ def format_summary(summary) -> str:
         lines.append(
             f"  privacy  epsilon={p['epsilon']} delta={p['delta']} C={p['clip_norm']} "
             f"z={p['noise_multiplier']:.4g} ({p['adjacency']}, sample rate {p['sample_rate']:g})"
-            + (f", noise/signal ~{ratio:.3g}" if ratio > 0 else "")
+            + (
+                f", noise/signal ~{ratio:.3g} per class, "
+                f"~{p.get('noise_to_signal_combined', float('nan')):.3g} over all classes"
+                if ratio > 0
+                else ""
+            )
             + "; no count of real rows is published"
         )
         if not p["private"]:

@@ -27,6 +27,7 @@ from gradmm_ray.config import Config
 from gradmm_ray.core.lm import load_model
 from gradmm_ray.core.privacy import (
     PrivacyRecord,
+    combined_noise_to_signal,
     noise_source,
     noise_std_of_sum,
     noise_to_signal,
@@ -195,6 +196,7 @@ def run_targets(
         target_space=cfg.targets.gradient,
         target_dims=sum(t.numel() for t in next(iter(targets.values())).values()),
         noise_to_signal={label: noise_to_signal(t, std) for label, t in targets.items()},
+        noise_to_signal_combined=combined_noise_to_signal(targets, std),
         clip_norm_source=clip_source,
     )
     write_targets(out, targets, record, cfg, model_revision=model_revision)
