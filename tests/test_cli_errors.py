@@ -18,7 +18,7 @@ from gradmm_ray.distill import pipeline
 from gradmm_ray.distill.cli import main
 from gradmm_ray.entry import EXIT_USER_ERROR
 from gradmm_ray.env import OFFLINE
-from gradmm_ray.io.storage import RUN_FILE, OutputDir
+from gradmm_ray.io.storage import RUN_FILE, OutputDir, check_output_location
 
 try:
     import ray
@@ -417,6 +417,22 @@ def test_output_is_a_file(capsys, tmp_path):
     path.write_text("a file")
     fails(capsys, ["--output", str(path)], repr(str(path)), "not a directory")
     assert path.read_text() == "a file"
+
+
+def test_relative_output_refused_under_ray_job_submit(capsys, monkeypatch, tmp_path):
+    """In a submitted Ray job (Ray's supervisor sets RAY_JOB_CONFIG_JSON_ENV_VAR) a relative
+    --output, or the default one, is one line naming it and the way out, before anything is
+    written; an absolute path passes that check; outside a job a relative path is fine."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    for argv in (["--output", "runs/a"], []):
+        line = fails(capsys, argv, "is relative", "ray job submit", "s3://", "absolute path")
+        assert "'runs/a'" in line or "'outputs/demo'" in line
+    assert not any(tmp_path.iterdir())
+    check_output_location(str(tmp_path / "abs"))
+    check_output_location("s3://bucket/run")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    check_output_location("runs/a")
 
 
 def test_overwrite_accepts_a_different_run_without_writing_in_prepare(out):

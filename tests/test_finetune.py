@@ -370,6 +370,16 @@ def test_bad_input_is_one_line_and_exit_2_before_ray(tmp_path, capsys, args, mes
     assert not (tmp_path / "o").exists()
 
 
+def test_relative_output_refused_under_ray_job_submit(tmp_path, capsys, monkeypatch):
+    """As for distill.py: in a submitted Ray job a relative --output is one line, exit 2."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    assert _main(["--train", "missing.parquet", "--output", "ft"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "'ft' is relative" in line and "s3://" in line
+    assert not any(tmp_path.iterdir())
+
+
 def test_the_entry_point_exits_2_as_a_process(tmp_path):
     result = subprocess.run(
         [sys.executable, str(JOB), "--train", str(tmp_path / "none.parquet")],

@@ -24,6 +24,7 @@ from gradmm_ray.io.storage import (
     OutputDir,
     check_inputs,
     check_output_dir,
+    check_output_location,
     check_writable,
     output_lock,
     remove_run_files,
@@ -55,6 +56,7 @@ class RunSummary:
 def prepare(cfg: Config, *, overwrite: bool) -> Prepared:
     """Every user-input check, in the order a user would fix them. Leaves nothing behind (the
     writability probe deletes its file and any folder it created)."""
+    check_output_location(cfg.output)
     out = OutputDir(cfg.output)
     mode = check_output_dir(out, cfg.fingerprint_dict(), overwrite=overwrite)
     check_writable(out)

@@ -52,7 +52,7 @@ from gradmm_ray.finetune.splits import (
     split_rows,
 )
 from gradmm_ray.io.real_data import load_real_examples, looks_like_path
-from gradmm_ray.io.storage import OutputDir
+from gradmm_ray.io.storage import OutputDir, check_output_location
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,7 @@ def prepare_job(cfg: FinetuneConfig, *, overwrite: bool) -> PreparedJob:
     from gradmm_ray.core.lm import load_tokenizer
     from gradmm_ray.models.sources import resolve_model_source
 
+    check_output_location(cfg.output)
     out = OutputDir(cfg.output)
     if out.exists(METRICS_FILE) and not overwrite:
         raise OutputError(

@@ -69,6 +69,24 @@ class OutputWarning(UserWarning):
     """Something about the output directory was repaired (a stale lock, an unreadable part)."""
 
 
+# Set by Ray's job supervisor in the environment of a `ray job submit` entrypoint.
+RAY_SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def check_output_location(uri: str, environ: dict[str, str] | None = None) -> None:
+    """A submitted Ray job runs in Ray's temporary copy of its --working-dir, deleted with the
+    job: a relative output would vanish with it. OutputError unless the output is a URI or an
+    absolute path there; anything goes outside a submitted job."""
+    env = os.environ if environ is None else environ
+    if RAY_SUBMITTED_JOB_ENV not in env or "://" in uri or os.path.isabs(os.path.expanduser(uri)):
+        return
+    raise OutputError(
+        f"output {uri!r} is relative: under `ray job submit` the job runs in Ray's temporary copy "
+        "of --working-dir, deleted with the job; give --output s3://BUCKET/PATH (or gs://), or "
+        "an absolute path on storage that outlives the job"
+    )
+
+
 def is_own(rel: str) -> bool:
     """Whether ``rel`` (relative to the output root) is a name that a run writes."""
     return rel in OWN_FILES or OWN_PATTERN.fullmatch(rel) is not None
