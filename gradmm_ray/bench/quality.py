@@ -633,7 +633,16 @@ def main(argv=None) -> int:
         pool_rows[i]["text"] for i in range(0, len(pool_rows), max(1, len(pool_rows) // 200))
     ]
     check_rows = test_rows[:CHECK_TEST_ROWS]
-    with tqdm(total=1 + len(candidates), desc="readability and label check", unit="set") as bar:
+    # What a user gets: the rows the product's selection keeps at the smallest k (every group).
+    k_min = min(ks)
+    selected, first_group = {}, {}
+    for run in args.runs:
+        rule = "set_match" if run.name in gradients else "lowest_loss"
+        groups = groups_of(run, k_min, args.seeds, rule)
+        name = f"{run.name}, selected (k = {k_min}, {args.seeds} groups)"
+        selected[name], first_group[name] = [r for g in groups for r in g], groups[0]
+    texts = {**{f"{name}, all candidates": rows for name, rows in candidates.items()}, **selected}
+    with tqdm(total=1 + len(texts), desc="readability and label check", unit="set") as bar:
         readability = {"real pool": _ppl(scorer.log_ppl(real_sample))}
         checks = {
             "TEST (real, human labels)": round(
@@ -641,7 +650,7 @@ def main(argv=None) -> int:
             )
         }
         bar.update()
-        for name, rows in candidates.items():
+        for name, rows in texts.items():
             readability[name] = _ppl(scorer.log_ppl([r["text"] for r in rows]))
             checks[name] = round(
                 scorer.check([r["text"] for r in rows], [r["label"] for r in rows]), 4
@@ -650,12 +659,9 @@ def main(argv=None) -> int:
     examples = {
         name: [
             {"label": r["label"], "text": r["text"], "match_loss": round(r["match_loss"], 4)}
-            for label in sorted(verbalizers)
-            for r in sorted(
-                (r for r in rows if r["label"] == label), key=lambda r: r["match_loss"]
-            )[:3]
+            for r in sorted(rows, key=lambda r: (r["label"], r["id"]))
         ]
-        for name, rows in candidates.items()
+        for name, rows in first_group.items()
     }
 
     quality = {
@@ -836,7 +842,7 @@ def write_results(out: Path, q: dict) -> None:
         f"agrees with the human labels of real TEST rows {100 * test_check:.0f}% of the time: "
         "that is its own accuracy, the ceiling against which the synthetic rows' figure reads.",
         "",
-        "Lowest-loss candidates:",
+        "The first group's selected rows (what `select.per_class` = k returns from one run):",
         "",
     ]
     for name, rows in q["examples"].items():
