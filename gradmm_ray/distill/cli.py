@@ -20,9 +20,11 @@ DESCRIPTION = """\
 Distil private labelled text into a small set of synthetic examples (GRADMM).
 
 Stage 1 (targets) computes each real example's clipped last-layer gradient and releases one
-differentially private gradient sum per class (noise from the OS CSPRNG; no counts published); stage 2 (solve) runs independent ADMM solves
-that turn synthetic token embeddings into text whose gradient matches those targets; stage 3
-(select) scores, filters and balances the candidates into OUTPUT/synthetic.parquet.
+differentially private gradient sum per class (noise from the OS CSPRNG; no counts published;
+clip norm from public text by default); stage 2 (solve) runs independent ADMM solves that turn
+synthetic token embeddings into text whose gradient matches those targets; stage 3 (select)
+scores and filters the candidates and keeps, per class, the rows whose gradients together match
+the sum of all classes' targets, into OUTPUT/synthetic.parquet.
 
 With no arguments it runs the embedded demo: local Ray, CPU, the bundled movie reviews and
 SmolLM2-135M-Instruct (converted offline into ~/.cache/gradmm_ray; ~3 min on 2 cores). --config
