@@ -359,6 +359,11 @@ def test_select_rows_funnel_steps_follow_flags(flags):
     assert ("set_match" in step_names) == (cfg.per_class is not None and not lowest)
     assert ("balance" in step_names) == (cfg.balance and lowest)
     assert (sel.set_cosine is not None) == ("set_match" in step_names)
+    if sel.set_cosine is not None:  # the reference: what the paper's rule would have kept
+        reference = top_per_class(expected[-2][1], cfg.per_class, cfg.ppl_weight)
+        s = sum(r["gradient"] for r in reference)
+        cos = s @ TARGET / (np.linalg.norm(s) * np.linalg.norm(TARGET))
+        assert sel.lowest_loss_cosine == pytest.approx(cos)
     assert {"candidates", "best_rho"} <= step_names
 
 

@@ -121,11 +121,22 @@ def match_set(rows: list[dict], per_class: int, target: np.ndarray) -> tuple[lis
     return sorted((rows[i] for i in chosen), key=lambda r: r["synthetic_id"]), float(cosine)
 
 
+def summed_gradient_cosine(rows: list[dict], target: np.ndarray) -> float:
+    """cos(Σ row["gradient"], target); nan for no rows."""
+    if not rows:
+        return float("nan")
+    s = np.sum([np.asarray(r["gradient"], dtype=np.float64) for r in rows], axis=0)
+    t = np.asarray(target, dtype=np.float64)
+    return float(s @ t / max(np.linalg.norm(s) * np.linalg.norm(t), 1e-300))
+
+
 @dataclass
 class Selection:
     rows: list[dict]
     funnel: list[dict]  # [{"step": ..., "rows": ..., "per_class": {...}}]
     set_cosine: float | None = None  # set_match: cos(the set's summed gradient, the target)
+    # set_match: the same cosine for the rows the paper's rule (lowest loss) would have kept
+    lowest_loss_cosine: float | None = None
 
 
 def _count(step: str, rows: list[dict], labels: list[str]) -> dict:
@@ -150,10 +161,11 @@ def select_rows(
     if cfg.dedupe:
         rows = dedupe_text(rows, w)
         funnel.append(_count("dedupe", rows, labels))
-    set_cosine = None
+    set_cosine = lowest_loss_cosine = None
     if cfg.rule == "set_match" and cfg.per_class is not None:
         if target is None:
             raise AssertionError("Internal error: select.rule set_match without a target")
+        lowest_loss_cosine = summed_gradient_cosine(top_per_class(rows, cfg.per_class, w), target)
         rows, set_cosine = match_set(rows, cfg.per_class, target)
         funnel.append(_count("set_match", rows, labels))
     elif cfg.per_class is not None:
@@ -162,4 +174,4 @@ def select_rows(
     if cfg.rule == "lowest_loss" and cfg.balance:
         rows = balance_classes(rows, w, cfg.balance_tolerance)
         funnel.append(_count("balance", rows, labels))
-    return Selection(rows, funnel, set_cosine)
+    return Selection(rows, funnel, set_cosine, lowest_loss_cosine)

@@ -168,6 +168,7 @@ def _run_stages(prep: Prepared, summary: RunSummary) -> None:
         summary.counts["selected"] = len(selection.rows)
         if selection.set_cosine is not None:
             summary.counts["set_cosine"] = round(selection.set_cosine, 4)
+            summary.counts["lowest_loss_cosine"] = round(selection.lowest_loss_cosine, 4)
         summary.files.append(SYNTHETIC_FILE)
         audit = None
         if cfg.audit.enabled:

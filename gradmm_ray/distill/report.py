@@ -246,7 +246,9 @@ def selection_rule_sentence(cfg: Config, selection) -> str:
             "`set_match` chose the rows, class by class in rounds, whose gradients summed point "
             "most nearly where the release's combined target (all classes' noisy sums) points: "
             f"cosine {selection.set_cosine:.3f} for the selected set (1 = the same direction; "
-            "fine-tuning on the set then starts along the real data's gradient)."
+            "fine-tuning on the set then starts along the real data's gradient), against "
+            f"{selection.lowest_loss_cosine:.3f} for the rows the paper's rule (each class's "
+            "lowest matching losses) would have kept."
         )
     if cfg.select.rule == "lowest_loss" and cfg.select.balance:
         return (
@@ -277,7 +279,8 @@ def format_summary(summary) -> str:
             "  select   "
             + " -> ".join(f"{f['step']} {f['rows']}" for f in c["funnel"])
             + (
-                f" (the set's gradient vs the target: cosine {c['set_cosine']:.3f})"
+                f" (the set's gradient vs the target: cosine {c['set_cosine']:.3f}; the paper's "
+                f"lowest-loss rows: {c['lowest_loss_cosine']:.3f})"
                 if "set_cosine" in c
                 else ""
             )
