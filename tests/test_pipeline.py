@@ -320,6 +320,4 @@ def test_label_rows_target_end_to_end(ray_session, canary_data, tmp_path):
     assert last["step"] == "set_match" and last["rows"] == len(rows)
     assert all(n <= TINY.select.per_class for n in last["per_class"].values())
     assert -1 <= counts["set_cosine"] <= 1 and -1 <= counts["lowest_loss_cosine"] <= 1
-    # 3 candidates per class and per_class 4: both rules keep every candidate, the same set.
-    assert counts["set_cosine"] == pytest.approx(counts["lowest_loss_cosine"], abs=1e-4)
     assert f"cosine {counts['set_cosine']:.3f}" in (out / "report.md").read_text()
