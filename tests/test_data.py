@@ -442,7 +442,11 @@ def test_stage1_pads_micro_batches_to_at_most_max_tokens():
     batch["row"] = np.arange(3)
     for max_tokens, limit in ((None, 256), (64, 64)):
         cfg = build_config(
-            {"model": {"name": "tiny", "device": "cpu"}, "data": {"max_tokens": max_tokens}}
+            {
+                "model": {"name": "tiny", "device": "cpu"},
+                "data": {"max_tokens": max_tokens},
+                "privacy": {"clip_norm": 1.0},  # auto is resolved by run_targets, not here
+            }
         )
         actor = ClippedHeadGradSums(cfg)
         widths = []

@@ -58,6 +58,11 @@ class ClippedHeadGradSums:
         self.template = cfg.data.prompt_template
         self.verbalizers = cfg.data.verbalizers
         self.clip_norm = cfg.privacy.clip_norm
+        if isinstance(self.clip_norm, str):  # the noise is calibrated to one resolved value
+            raise AssertionError(
+                f"Internal error: privacy.clip_norm {self.clip_norm!r} reached a stage-1 actor "
+                "unresolved (run_targets resolves it)"
+            )
         self.sample_rate = cfg.privacy.sample_rate
         self.sample_seed = sampling_seed(cfg.privacy, cfg.seed)
         self.micro = cfg.targets.micro_batch_size
