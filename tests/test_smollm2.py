@@ -248,7 +248,7 @@ RT_ROWS = [
 def test_auto_clip_norm_is_at_the_scale_of_real_rows_gradients(smol):
     """privacy.clip_norm auto on the defaults (public text only) leaves most rows of real
     reviews unclipped, so their weights (1 − p) survive, where C = 1 clips every one of them to
-    a unit vector (on rt-snippets' harder rows: C 21.8 vs their median norm 19.7, README)."""
+    a unit vector (on rt-snippets' harder rows: C 22.06 vs their median norm 19.7, README)."""
     from gradmm_ray.config import Config
     from gradmm_ray.core.target_space import public_clip_norm
 

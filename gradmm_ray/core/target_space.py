@@ -145,7 +145,7 @@ def public_clip_norm(
     position, over public ``texts`` in the template (the run's generation prefixes: config, not
     data, so it costs no privacy). One example's gradient is r ⊗ h with ‖r‖ = ‖p − onehot‖ in
     [0, √2] and ‖h‖ nearly constant after the final norm layer, so this clips only the rows the
-    model gets badly wrong and keeps the weight (1 − p) of the rest (SmolLM2: 21.8 here, the
+    model gets badly wrong and keeps the weight (1 − p) of the rest (SmolLM2: 22.06, the
     median of real rows' norms 19.7)."""
     first = verbalizers[sorted(verbalizers)[0]]  # causal: h does not depend on the completion
     pairs = [encode_pair(lm.tokenizer, format_prompt(template, t), first) for t in texts]
