@@ -23,7 +23,8 @@ from torch import Tensor
 from gradmm_ray.bench.references import head_only_copy
 from gradmm_ray.core.headgrad import per_example_head_grads
 from gradmm_ray.core.lm import CausalLM
-from gradmm_ray.core.target_space import combined_target, target_space
+from gradmm_ray.core.privacy import combined_target
+from gradmm_ray.core.target_space import target_space
 from gradmm_ray.core.text import encode_pair, format_prompt
 from gradmm_ray.errors import DataError
 

@@ -212,7 +212,7 @@ def generate(run: GenerationRun, source: Path, out: Path, candidates: int) -> Ge
     and the release's combined target (what the set-matching selection matches)."""
     import pyarrow.parquet as pq
 
-    from gradmm_ray.core.target_space import combined_target
+    from gradmm_ray.core.privacy import combined_target
     from gradmm_ray.distill import cli
     from gradmm_ray.distributed.targets import read_targets
     from gradmm_ray.io.storage import OutputDir
@@ -241,7 +241,7 @@ def generate(run: GenerationRun, source: Path, out: Path, candidates: int) -> Ge
 @dataclass
 class Generated:
     rows: list[dict]  # synthetic.parquet's rows: every candidate that passed stage 3's filters
-    target: np.ndarray  # the release's combined target (core.target_space.combined_target)
+    target: np.ndarray  # the release's combined target (core.privacy.combined_target)
 
 
 def gradmm_groups(

@@ -219,15 +219,21 @@ def noise_to_signal(released: dict[str, Tensor], std: float) -> float:
     return math.sqrt(noise_sq / signal_sq) if signal_sq > 0 else math.inf
 
 
+def combined_target(released: dict[str, dict[str, Tensor]]) -> Tensor:
+    """The sum of every class's released target as one float64 vector (weight rows, then the
+    bias where the head has one): the real data's whole gradient up to scale, which the
+    set-matching selection matches (post-processing of the release)."""
+    flat = [
+        torch.cat([t["weight"].flatten()] + ([t["bias"].flatten()] if "bias" in t else []))
+        for t in released.values()
+    ]
+    return torch.stack(flat).double().sum(0)
+
+
 def combined_noise_to_signal(released: dict[str, dict[str, Tensor]], std: float) -> float:
     """noise_to_signal of the sum over the K classes' releases: K independent noises, std·√K
     per entry."""
-    labels = sorted(released)
-    total = {
-        name: sum(released[label][name].double() for label in labels)
-        for name in released[labels[0]]
-    }
-    return noise_to_signal(total, std * math.sqrt(len(labels)))
+    return noise_to_signal({"all": combined_target(released)}, std * math.sqrt(len(released)))
 
 
 # ---------------------------------------------------------------------------------------------

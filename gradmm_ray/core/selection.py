@@ -117,8 +117,8 @@ def match_set(rows: list[dict], per_class: int, target: np.ndarray) -> tuple[lis
             free[pick] = False
             s_t, s_sq = s_t + g_t[pick], s_sq + 2 * s_g[pick] + g_sq[pick]
             s_g += grads @ grads[pick]
-    cosine = s_t / max(np.sqrt(max(s_sq, 0.0)) * np.linalg.norm(t), 1e-300)
-    return sorted((rows[i] for i in chosen), key=lambda r: r["synthetic_id"]), float(cosine)
+    kept = sorted((rows[i] for i in chosen), key=lambda r: r["synthetic_id"])
+    return kept, summed_gradient_cosine(kept, target)
 
 
 def summed_gradient_cosine(rows: list[dict], target: np.ndarray) -> float:

@@ -112,7 +112,7 @@ class TargetSpace:
         return self.clipped_sum(*lm.completion_states(pairs), clip_norm)
 
     def example_gradients(self, A: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
-        """Each example's gradient in this space, unclipped, laid out as ``combined_target``:
+        """Each example's gradient in this space, unclipped, laid out as ``core.privacy.combined_target``:
         (N, dims). Materialised, so meant for label_rows (|S|·(d + 1) entries each);
         the set-matching selection sums them."""
         A, B = self.logits_grad(A, targets, mask)
@@ -125,17 +125,6 @@ class TargetSpace:
         """Per-example mean over head tensors of 1 − cos(g, G), (N,); differentiable in A."""
         A, B = self.logits_grad(A, targets, mask)
         return match_loss(A, B, G_W, G_b)
-
-
-def combined_target(released: dict[str, dict[str, Tensor]]) -> Tensor:
-    """The sum of every class's released target as one float64 vector (weight rows, then the
-    bias where the head has one): the real data's whole gradient up to scale, which the
-    set-matching selection matches (post-processing of the release)."""
-    flat = [
-        torch.cat([t["weight"].flatten()] + ([t["bias"].flatten()] if "bias" in t else []))
-        for t in released.values()
-    ]
-    return torch.stack(flat).double().sum(0)
 
 
 def public_clip_norm(

@@ -111,8 +111,8 @@ def _run_locked(prep: Prepared) -> RunSummary:
 
 
 def _run_stages(prep: Prepared, summary: RunSummary) -> None:
+    from gradmm_ray.core.privacy import combined_target
     from gradmm_ray.core.selection import select_rows
-    from gradmm_ray.core.target_space import combined_target
     from gradmm_ray.distill import report
     from gradmm_ray.distill.output import SYNTHETIC_FILE, synthetic_table
     from gradmm_ray.distributed.ray_env import stage_errors
