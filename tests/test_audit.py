@@ -4,7 +4,13 @@ import random
 
 import torch
 
-from gradmm_ray.distill.audit import audit_table, longest_common_ngram, nearest_neighbours
+from gradmm_ray.distill.audit import (
+    RealNeighbours,
+    audit_table,
+    longest_common_ngram,
+    merge_answers,
+    nearest_neighbours,
+)
 
 
 def _brute_longest_common_run(query: list[int], corpus: list[list[int]]) -> int:
@@ -41,18 +47,47 @@ def test_nearest_neighbours_matches_brute_force():
     torch.testing.assert_close(dist.double(), full.min(1).values, rtol=1e-6, atol=1e-6)
 
 
-def test_audit_finds_a_copied_example(tiny_lm):
-    """A synthetic text equal to real row 2 has distance 0 to it and shares all its tokens."""
-    real = ["A warm and funny film.", "Dull from start to finish.", "The score is simply superb."]
-    selected = [{"synthetic_id": 9, "label": "positive", "text": real[2]}]
-    table = audit_table(tiny_lm, selected, real, real_rows=[10, 11, 12]).to_pylist()[0]
-    assert table["nearest_real_row"] == 12 and table["nearest_distance"] < 1e-3
-    n_tokens = len(tiny_lm.tokenizer(real[2], add_special_tokens=False)["input_ids"])
-    assert table["longest_common_ngram"] == n_tokens
-    assert set(table) == {
+def test_audit_finds_a_copied_example_across_blocks(tiny_lm):
+    """A synthetic text equal to a real row in the second of two blocks: folding the blocks'
+    answers finds that row (file and row from its key) at distance 0, sharing all its tokens."""
+    from gradmm_ray.io.real_data import KEY_FILE_SHIFT
+
+    blocks = [
+        ["A warm and funny film.", "Dull from start to finish."],
+        ["Nothing much happens.", "The score is simply superb."],
+    ]
+    keys = [[5, 6], [(1 << KEY_FILE_SHIFT) + 40, (1 << KEY_FILE_SHIFT) + 41]]
+    copied = blocks[1][1]
+    selected = [{"synthetic_id": 9, "label": "positive", "text": copied}]
+    neighbours = RealNeighbours(tiny_lm, [copied])
+    best = None
+    for texts, block_keys in zip(blocks, keys, strict=True):
+        index, dist, ngram = neighbours.block(texts)
+        answer = {"key": block_keys[int(index[0])], "distance": float(dist[0]), "ngram": ngram[0]}
+        best = merge_answers(best, answer)
+    row = audit_table(selected, [best], ["a.jsonl", "b.jsonl"]).to_pylist()[0]
+    assert (row["nearest_real_file"], row["nearest_real_row"]) == ("b.jsonl", 41)
+    assert row["nearest_distance"] < 1e-3
+    n_tokens = len(tiny_lm.tokenizer(copied, add_special_tokens=False)["input_ids"])
+    assert row["longest_common_ngram"] == n_tokens
+    assert set(row) == {
         "id",
         "label",
+        "nearest_real_file",
         "nearest_real_row",
         "nearest_distance",
         "longest_common_ngram",
     }
+
+
+def test_merge_answers_keeps_nearest_and_longest():
+    """Folding is order-free: the nearest distance (ties: lower key) and the longest run win."""
+    a = {"key": 7, "distance": 0.5, "ngram": 2}
+    b = {"key": 3, "distance": 0.5, "ngram": 4}
+    c = {"key": 9, "distance": 0.2, "ngram": 1}
+    for order in ((a, b, c), (c, b, a), (b, a, c)):
+        best = None
+        for x in order:
+            best = merge_answers(best, x)
+        assert best == {"key": 9, "distance": 0.2, "ngram": 4}
+    assert merge_answers(a, b) == {"key": 3, "distance": 0.5, "ngram": 4}

@@ -56,7 +56,7 @@ def test_jsonl_file(tmp_path):
     assert as_rows(real) == [(i, r["text"], r["label"]) for i, r in enumerate(ROWS)]
     assert real.counts == {"positive": 3, "negative": 2}
     assert real.table.num_rows == 5
-    assert real.table.column_names == ["row", "text", "label"]
+    assert real.table.column_names == ["row", "key", "text", "label"]
 
 
 def test_csv_file(tmp_path):
@@ -439,7 +439,11 @@ def test_stage1_pads_micro_batches_to_at_most_max_tokens():
 
     texts = np.array(["A warm film.", LONG_TEXT, "Dull."], dtype=object)
     batch = {"text": texts, "label": np.array(["positive", "negative", "negative"], dtype=object)}
-    batch["row"] = np.arange(3)
+    batch.update(  # the stream's columns: row keys, one fragment holding these rows
+        key=np.arange(3, dtype=np.uint64),
+        fragment=np.zeros(3, dtype=np.int32),
+        expected=np.array([1, 2, 2]),
+    )
     for max_tokens, limit in ((None, 256), (64, 64)):
         cfg = build_config(
             {

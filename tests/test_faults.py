@@ -16,8 +16,8 @@ session), so a failing scenario leaves no Ray behind. Every wait is bounded (240
      received the first partial sum, a worker node hosting a live stage-1 actor is removed
      without grace (its raylet and workers are SIGKILLed). The per-class sums must equal, to 1e-5
      relative, a fault-free computation of the same rows (the package's actor class called once,
-     in-process, on all rows), and clean_class_sums itself raises unless the rows its partials saw
-     equal ``real.counts``: no partial lost, none counted twice. Stage 1 finishes on the surviving worker alone.
+     in-process, on all rows), and clean_class_sums itself raises unless its partials counted
+     every row of every fragment exactly once: no partial lost, none counted twice. Stage 1 finishes on the surviving worker alone.
    * A replacement 2-CPU worker then joins, as an autoscaler would, so stage 2 starts on two
      workers and still has one after its own node loss (with no CPU left it would wait forever).
    * Stage 2: ``solve.run_solve`` with 2 actors and one item per batch. Once the first
@@ -298,7 +298,7 @@ def child_node_loss(out: str, result_path: str) -> None:
     from gradmm_ray.distill import cli
     from gradmm_ray.distributed.solve import run_solve
     from gradmm_ray.distributed.targets import ClippedHeadGradSums, clean_class_sums
-    from gradmm_ray.io.real_data import load_real_examples
+    from gradmm_ray.io.real_data import check_head, load_real_examples, plan_source
     from gradmm_ray.io.storage import OutputDir
 
     start = time.monotonic()
@@ -333,7 +333,7 @@ def child_node_loss(out: str, result_path: str) -> None:
 
     def counting_iter_batches(self, *args, **kwargs):
         for batch in original_iter_batches(self, *args, **kwargs):
-            received["n"] += 1
+            received["n"] += "rows_seen" in batch  # a partial sum (not the caps' first pass)
             yield batch
 
     ray.data.Dataset.iter_batches = counting_iter_batches
@@ -346,7 +346,8 @@ def child_node_loss(out: str, result_path: str) -> None:
     killer.start()
     try:
         # It raises unless every class saw each real row exactly once (rows_seen per partial).
-        sums = clean_class_sums(real, cfg)
+        plan = plan_source(cfg.data)
+        sums = clean_class_sums(plan, cfg, bytes_per_row=check_head(plan, cfg.data))
         stage1: dict = {"counts": dict(real.counts)}
     except Exception as e:
         sums, stage1 = None, {"error": f"{type(e).__name__}: {e}"}
@@ -366,8 +367,16 @@ def child_node_loss(out: str, result_path: str) -> None:
     # The fault-free reference: the same actor class, in this process, all rows in one call.
     texts = np.array(real.table.column("text").to_pylist(), dtype=object)
     labels = np.array(real.table.column("label").to_pylist(), dtype=object)
-    rows = np.array(real.table.column("row").to_pylist(), dtype=np.int64)
-    ref = ClippedHeadGradSums(cfg)({"row": rows, "text": texts, "label": labels})
+    keys = real.table.column("key").to_numpy()
+    ref = ClippedHeadGradSums(cfg)(
+        {
+            "key": keys,
+            "text": texts,
+            "label": labels,
+            "fragment": np.zeros(len(keys), dtype=np.int32),
+            "expected": np.array([real.counts[lab] for lab in labels], dtype=np.int64),
+        }
+    )
     ref_labels = [str(x) for x in ref["label"]]
     result["reference_counts"] = dict(zip(ref_labels, ref["rows_seen"].tolist(), strict=True))
     names = [name for name in ("weight", "bias") if f"{name}_sum" in ref]

@@ -15,7 +15,7 @@ from gradmm_ray.core.target_space import target_space
 from gradmm_ray.core.text import encode_pair, format_prompt
 from gradmm_ray.distill import cli
 from gradmm_ray.distill.output import OUTPUT_COLUMNS
-from gradmm_ray.io.real_data import load_real_examples
+from gradmm_ray.io.real_data import load_real_examples, plan_source
 from gradmm_ray.presets import resolve_config_path
 
 CANARY = "zqxj canary wombat"
@@ -77,8 +77,9 @@ def test_stage1_sum_does_not_depend_on_sharding(ray_session, tiny_lm):
             num_gpus=0,
         ),
     )  # fmt: skip
-    sums_one = clean_class_sums(real, one)
-    sums_two = clean_class_sums(real, two)
+    plan = plan_source(cfg.data)
+    sums_one = clean_class_sums(plan, one, bytes_per_row=100.0)
+    sums_two = clean_class_sums(plan, two, bytes_per_row=100.0)
     direct = _direct_clean_sums(tiny_lm, real, cfg)
     for label in ("positive", "negative"):
         w1, w2 = sums_one[label]["weight"], sums_two[label]["weight"]

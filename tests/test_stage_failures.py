@@ -109,10 +109,6 @@ ray.exceptions.UserCodeException: UDF failed to process a data block."""
             "this error is deterministic: re-running will fail the same way; lower the stage's "
             "micro_batch_size",
         ),
-        (
-            "gradmm_ray.io.real_data.DataError: data.max_tokens: got 8, but ...\nmore",
-            "gradmm_ray.io.real_data.DataError: data.max_tokens: got 8, but ... (at targets.py:91",
-        ),
         ("ConnectionResetError: [Errno 104] reset by peer", "re-run the same command to resume"),
         ("OSError: [Errno 5] Input/output error", "re-run the same command to resume"),
     ],
@@ -127,6 +123,21 @@ def test_root_cause_decides_whether_rerunning_can_help(exception, expected):
     line = str(failed.value)
     assert line.startswith("stage targets failed on the cluster: ") and expected in line
     assert len(line.splitlines()) == 1
+
+
+def test_bad_row_found_in_the_stream_is_the_users_one_line():
+    """A DataError raised where a fragment is read (a bad row past the driver's first rows)
+    reaches the user as that DataError's own line, like a bad row found up front."""
+    import ray
+
+    from gradmm_ray.errors import DataError
+
+    text = WORKER_TRACEBACK.format(
+        exception="gradmm_ray.errors.DataError: lake/b.jsonl row 13: column 'text' is empty ('')"
+    )
+    with pytest.raises(DataError) as bad, stage_errors("targets"):
+        raise ray.exceptions.RayError(text)
+    assert str(bad.value) == "lake/b.jsonl row 13: column 'text' is empty ('')"
 
 
 def test_lost_actor_without_traceback_may_pass_on_rerun():

@@ -27,10 +27,14 @@ TEMPLATE = "{text} It was"
 
 
 def _batch(rows: list[tuple[str, str]], first_row: int = 0) -> dict[str, np.ndarray]:
+    """Rows as stage 1's stream delivers them: keys, and one fragment holding these rows."""
+    labels = np.array([lab for _, lab in rows], dtype=object)
     return {
-        "row": np.arange(first_row, first_row + len(rows), dtype=np.int64),
+        "key": np.arange(first_row, first_row + len(rows), dtype=np.uint64),
         "text": np.array([t for t, _ in rows], dtype=object),
-        "label": np.array([lab for _, lab in rows], dtype=object),
+        "label": labels,
+        "fragment": np.zeros(len(rows), dtype=np.int32),
+        "expected": np.array([(labels == lab).sum() for lab in labels], dtype=np.int64),
     }
 
 

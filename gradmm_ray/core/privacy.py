@@ -126,8 +126,9 @@ def _secure_uniform_bits(n: int) -> np.ndarray:
     return np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
 
 
-def _seeded_uniform_bits(seed: int, stream: int, index: np.ndarray) -> np.ndarray:
-    """uint64 per index, a pure function of (seed, stream, index): SplitMix64's finaliser."""
+def seeded_uniform_bits(seed: int, stream: int, index: np.ndarray) -> np.ndarray:
+    """uint64 per index, a pure function of (seed, stream, index): SplitMix64's finaliser.
+    Streams: 1 the Poisson sample (tests only), 2 the data caps (io.real_data)."""
     with np.errstate(over="ignore"):
         x = index.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(
             (seed * 0x632BE59BD9B4E019 + stream) % 2**64
@@ -156,14 +157,14 @@ def standard_normal(n: int, generator: torch.Generator | None) -> Tensor:
 
 def poisson_keep(rows: np.ndarray, sample_rate: float, *, seed: int | None) -> np.ndarray:
     """Which rows a Poisson sample keeps: each independently with probability ``sample_rate``.
-    From the OS CSPRNG (``seed`` None), or, for tests, a function of (seed, row index): adding
+    From the OS CSPRNG (``seed`` None), or, for tests, a function of (seed, row key): adding
     a row never changes the fate of another."""
     if sample_rate >= 1.0:
         return np.ones(len(rows), dtype=bool)
     if seed is None:
         bits = _secure_uniform_bits(len(rows))
     else:
-        bits = _seeded_uniform_bits(seed, 1, np.asarray(rows))
+        bits = seeded_uniform_bits(seed, 1, np.asarray(rows))
     return _unit_interval(bits) < sample_rate
 
 

@@ -11,14 +11,14 @@ import time
 from dataclasses import dataclass, field
 
 from gradmm_ray.config import Config
-from gradmm_ray.core.lm import load_model, load_tokenizer
+from gradmm_ray.core.lm import load_tokenizer
 from gradmm_ray.core.target_space import single_token_ids
 from gradmm_ray.core.text import check_verbalizers
-from gradmm_ray.distill.audit import AUDIT_FILE, audit_table
+from gradmm_ray.distill.audit import AUDIT_FILE
 from gradmm_ray.distributed.targets import TARGETS_FILE, read_release_record
 from gradmm_ray.errors import OutputError
 from gradmm_ray.io.inputs import data_identity, model_identity
-from gradmm_ray.io.real_data import RealExamples, load_real_examples
+from gradmm_ray.io.real_data import SourcePlan, check_head, plan_source
 from gradmm_ray.io.storage import (
     RUN_FILE,
     OutputDir,
@@ -38,7 +38,8 @@ class Prepared:
     out: OutputDir
     mode: str  # new | resume | overwrite
     run_targets: bool
-    real: RealExamples | None  # read when stage 1 runs or the audit is on
+    source: SourcePlan | None  # planned (and its first rows checked) when stage 1 runs
+    bytes_per_row: float = 0.0  # of the checked rows: sizes the stream for JSON and CSV
     inputs: dict = field(default_factory=dict)  # data and model identity, for run.json
 
 
@@ -77,8 +78,12 @@ def prepare(cfg: Config, *, overwrite: bool) -> Prepared:
             f"output {out.uri!r} has no {TARGETS_FILE}: run the targets stage first (--stages targets,...)"
         )
     needs_real = needs_targets or (cfg.audit.enabled and "select" in cfg.stages)
-    real = load_real_examples(cfg.data, cfg.seed) if needs_real else None
-    return Prepared(cfg, out, mode, needs_targets, real, inputs)
+    # The files, their columns and the first rows only: every row is checked in the stream.
+    source = plan_source(cfg.data) if needs_real else None
+    bytes_per_row = check_head(source, cfg.data) if source is not None else 0.0
+    return Prepared(
+        cfg, out, mode, needs_targets, source, bytes_per_row=bytes_per_row, inputs=inputs
+    )
 
 
 def run(prep: Prepared) -> RunSummary:
@@ -115,6 +120,7 @@ def _run_stages(prep: Prepared, summary: RunSummary) -> None:
     from gradmm_ray.core.selection import select_rows
     from gradmm_ray.distill import report
     from gradmm_ray.distill.output import SYNTHETIC_FILE, synthetic_table
+    from gradmm_ray.distributed.audit import run_audit
     from gradmm_ray.distributed.ray_env import stage_errors
     from gradmm_ray.distributed.select import score_candidates, split_gradients
     from gradmm_ray.distributed.solve import read_solves, run_solve
@@ -126,7 +132,13 @@ def _run_stages(prep: Prepared, summary: RunSummary) -> None:
     if prep.run_targets:
         model_revision = _model_revision(cfg)
         with stage_errors("targets"):
-            result = run_targets(prep.real, cfg, out, model_revision=model_revision)
+            result = run_targets(
+                prep.source,
+                cfg,
+                out,
+                bytes_per_row=prep.bytes_per_row,
+                model_revision=model_revision,
+            )
         summary.timings["targets"] = result.seconds
         summary.files.append(TARGETS_FILE)
     targets, record = read_targets(out)
@@ -172,7 +184,10 @@ def _run_stages(prep: Prepared, summary: RunSummary) -> None:
         summary.files.append(SYNTHETIC_FILE)
         audit = None
         if cfg.audit.enabled:
-            audit = run_audit(prep.real, selection.rows, cfg)
+            with stage_errors("audit"):
+                audit = run_audit(
+                    prep.source, selection.rows, cfg, bytes_per_row=prep.bytes_per_row
+                )
             out.write_parquet(AUDIT_FILE, audit)
             summary.files.append(AUDIT_FILE)
         summary.files += report.write_report(out, cfg, scored, selection, record, audit)
@@ -180,14 +195,6 @@ def _run_stages(prep: Prepared, summary: RunSummary) -> None:
     summary.timings["total"] = time.perf_counter() - started
     report.write_manifest(out, cfg, summary, record)
     summary.files.append(report.MANIFEST_FILE)
-
-
-def run_audit(real: RealExamples, selected: list[dict], cfg: Config):
-    """The opt-in audit on the driver: reads real data, outside the DP guarantee."""
-    lm = load_model(cfg.model)
-    return audit_table(
-        lm, selected, real.table.column("text").to_pylist(), real.table.column("row").to_pylist()
-    )
 
 
 def _model_revision(cfg: Config) -> str | None:

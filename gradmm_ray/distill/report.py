@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -149,18 +150,19 @@ def audit_section(audit: pa.Table) -> list[str]:
         "## Privacy audit (outside the DP guarantee)",
         "",
         "This section reads the real data after the release, so it is NOT covered by the privacy "
-        "guarantee above. Real examples are shown only as row indices of the source.",
+        "guarantee above. Real examples are shown only as a file and a row in it.",
         "",
         "![audit](plots/audit_distances.png)",
         "",
         "Closest pairs:",
         "",
-        "| synthetic id | label | nearest real row | distance | longest shared token run |",
+        "| synthetic id | label | nearest real row (file:row) | distance | longest shared token run |",
         "|---|---|---|---|---|",
     ]
     for r in rows[:5]:
         lines.append(
-            f"| {r['id']} | {r['label']} | {r['nearest_real_row']} | {r['nearest_distance']:.4f} | {r['longest_common_ngram']} |"
+            f"| {r['id']} | {r['label']} | {Path(r['nearest_real_file']).name}:{r['nearest_real_row']} "
+            f"| {r['nearest_distance']:.4f} | {r['longest_common_ngram']} |"
         )
     return lines
 

@@ -14,6 +14,7 @@ import ray
 import ray.data
 
 from gradmm_ray.config import ExecutionConfig, PoolConfig
+from gradmm_ray.errors import DataError
 
 
 def init_ray() -> tuple[str, bool]:
@@ -87,7 +88,7 @@ def blocks_of(table: pa.Table, rows_per_block: int, min_blocks: int) -> list[pa.
 
 
 def map_on_actor_pool(
-    table: pa.Table,
+    rows: pa.Table | ray.data.Dataset,
     udf: type,
     *,
     constructor_kwargs: dict,
@@ -96,12 +97,13 @@ def map_on_actor_pool(
     execution: ExecutionConfig,
     blocks_per_actor: int = 1,
 ) -> ray.data.Dataset:
-    """``udf`` mapped over ``table`` on an autoscaling pool of ``udf`` actors sized by ``pool``
+    """``udf`` mapped over ``rows`` on an autoscaling pool of ``udf`` actors sized by ``pool``
     (the stage's config section), ``batch_size`` rows per call, numpy batches.
 
-    The blocks are cut here, on the driver (at least ``blocks_per_actor`` per actor when the
-    table allows), so that every actor gets work at any size: a repartition would need a CPU
-    task that a pool of actors holding every CPU could starve.
+    A table's blocks are cut here, on the driver (at least ``blocks_per_actor`` per actor when
+    the table allows), so that every actor gets work at any size: a repartition would need a CPU
+    task that a pool of actors holding every CPU could starve. A dataset (stage 1's stream) comes
+    cut already.
 
     Restarts are finite, so an actor that keeps dying mid-batch ends the stage (Ray Data's own
     budget covers deaths in ``__init__``); task retries are not, because Ray counts retries to a
@@ -111,7 +113,13 @@ def map_on_actor_pool(
         # Ray 2.60-2.63 takes actor restart limits only through **ray_remote_args, which warns
         # that it is deprecated; pyproject caps ray below 2.64, where it goes.
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
-        ds = ray.data.from_arrow(blocks_of(table, batch_size, blocks_per_actor * pool.max_actors))
+        ds = (
+            rows
+            if isinstance(rows, ray.data.Dataset)
+            else ray.data.from_arrow(
+                blocks_of(rows, batch_size, blocks_per_actor * pool.max_actors)
+            )
+        )
         return ds.map_batches(
             udf,
             fn_constructor_kwargs=constructor_kwargs,
@@ -138,6 +146,9 @@ def stage_errors(stage: str) -> Iterator[None]:
         yield
     except (ray.exceptions.RayError, ExecutionTimeoutError) as e:
         root = root_cause(str(e))
+        if root is not None and root[0].rsplit(".", 1)[-1] == "DataError":
+            # A bad row found in the stream: the same one line as a bad row found up front.
+            raise DataError(root[1]) from None
         if root is not None and not _may_pass_on_retry(root[0]):
             name, message, where = root
             hint = (

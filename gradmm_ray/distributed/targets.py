@@ -1,13 +1,16 @@
 """Stage 1 on Ray: real rows -> per-class clipped sums -> ONE noisy release -> targets file.
 
-Ray Data shards the validated rows over an autoscaling pool of actors that hold the model. Each
-actor call takes `targets.rows_per_partial` rows, runs them `micro_batch_size` at a time, keeps a
-per-class running sum of clipped per-example head gradients (fp32) over the rows its Poisson
-sample keeps (privacy.sample_rate) and emits that partial sum once per call. Emitting through the dataflow (rather than keeping state in the actor until the end)
-makes retries exact: a call that dies is re-run, and its output is counted once. The driver
-reduces the partials in float64 as they stream in and adds the noise exactly once
-(privacy.release_noisy_sums). The release is the noisy SUMS: no count of real rows leaves here.
-No per-example vocabulary-sized array leaves an actor.
+The real rows stream from their files (distributed/real_rows.py) into an autoscaling pool of
+actors that hold the model; the driver never holds them. Each actor call takes a block of rows,
+runs them `micro_batch_size` at a time, keeps a per-class running sum of clipped per-example
+head gradients (fp32) over the rows its Poisson sample keeps (privacy.sample_rate) and emits that
+partial sum once per call. Emitting through the dataflow (rather than keeping state in the actor
+until the end) makes retries exact: a call that dies is re-run, and its output is counted once;
+each partial also says how many rows of each fragment it counted, and the driver checks that
+every fragment's rows arrived exactly once. The driver adds the partials in place in float64 as
+they stream in (memory: one sum per class, whatever the row count) and adds the noise exactly
+once (privacy.release_noisy_sums). The release is the noisy SUMS: no count of real rows leaves
+here. No per-example vocabulary-sized array leaves an actor.
 
 This is the only stage that reads real examples.
 """
@@ -39,8 +42,9 @@ from gradmm_ray.core.privacy import (
 from gradmm_ray.core.target_space import public_clip_norm, target_space
 from gradmm_ray.core.text import encode_pair
 from gradmm_ray.distributed.ray_env import actor_gpus, map_on_actor_pool
+from gradmm_ray.distributed.real_rows import cap_thresholds, real_rows, stream_shape
 from gradmm_ray.errors import OutputError
-from gradmm_ray.io.real_data import RealExamples
+from gradmm_ray.io.real_data import SourcePlan, check_class_counts, has_caps
 from gradmm_ray.io.storage import OutputDir
 
 TARGETS_FILE = "targets.safetensors"
@@ -49,8 +53,9 @@ TARGETS_RECORD = "targets.json"
 
 class ClippedHeadGradSums:
     """Ray Data actor: a batch of real rows in, one row per class seen out (label, rows_seen,
-    sums of the clipped gradients of the rows the Poisson sample kept), in the target space
-    ``targets.gradient`` names (weight (V or |S|, d), bias (V or |S|,))."""
+    sums of the clipped gradients of the rows the Poisson sample kept, in the target space
+    ``targets.gradient`` names: weight (V or |S|, d), bias (V or |S|,); and ``fragments``, the
+    rows of that class counted per fragment with the number each fragment holds)."""
 
     def __init__(self, cfg: Config):
         self.lm = load_model(cfg.model, progress=False)
@@ -77,7 +82,7 @@ class ClippedHeadGradSums:
         seen = {
             str(k): int(n) for k, n in zip(*np.unique(all_labels, return_counts=True), strict=True)
         }
-        keep = poisson_keep(batch["row"], self.sample_rate, seed=self.sample_seed)
+        keep = poisson_keep(batch["key"], self.sample_rate, seed=self.sample_seed)
         texts, labels = batch["text"][keep], all_labels[keep]
         W, b = self.space.W, self.space.b
         sums = {}  # a class seen but not sampled still gets (zero) sums
@@ -103,6 +108,9 @@ class ClippedHeadGradSums:
         out = {
             "label": np.array(order, dtype=object),
             "rows_seen": np.array([seen[k] for k in order], dtype=np.int64),
+            "fragments": np.array(
+                [fragment_counts(batch, all_labels == k) for k in order], dtype=object
+            ),
             "weight_sum": np.stack([sums[k][0].cpu().numpy() for k in order]),
         }
         if b is not None:
@@ -117,26 +125,71 @@ class TargetsResult:
     seconds: float
 
 
-def clean_class_sums(real: RealExamples, cfg: Config) -> dict[str, dict[str, torch.Tensor]]:
+def fragment_counts(batch: dict[str, np.ndarray], mask: np.ndarray) -> str:
+    """JSON {fragment: [rows counted here, rows of this class the fragment holds]}."""
+    frags, first, n = np.unique(batch["fragment"][mask], return_index=True, return_counts=True)
+    holds = batch["expected"][mask][first]  # the same for every row of a fragment and class
+    return json.dumps({int(f): [int(k), int(e)] for f, k, e in zip(frags, n, holds, strict=True)})
+
+
+class ExactlyOnce:
+    """Rows counted per (fragment, class) against the rows each fragment holds: a lost or twice
+    counted partial shows as a fragment short or over. Memory: a few numbers per fragment."""
+
+    def __init__(self, plan: SourcePlan, kept: dict[str, int] | None):
+        self.plan, self.kept = plan, kept  # kept: rows per class after the caps, when capped
+        self.counted: dict[tuple[int, str], int] = {}
+        self.holds: dict[tuple[int, str], int] = {}
+
+    def add(self, label: str, fragments: str) -> None:
+        for frag, (counted, holds) in json.loads(fragments).items():
+            key = (int(frag), label)
+            self.counted[key] = self.counted.get(key, 0) + counted
+            self.holds[key] = holds
+
+    def check(self, seen: dict[str, int]) -> None:
+        # No numbers in the message: they are private.
+        broken = "Internal error: stage 1 lost or double-counted a partial sum"
+        if self.counted != self.holds:
+            raise AssertionError(broken)
+        if self.kept is not None:
+            if seen != {k: n for k, n in self.kept.items() if n}:
+                raise AssertionError(broken)
+            return
+        per_fragment: dict[int, int] = {}
+        for (frag, _), n in self.counted.items():
+            per_fragment[frag] = per_fragment.get(frag, 0) + n
+        for f in self.plan.fragments:  # Parquet and Arrow fragments: known from metadata
+            if f.rows is not None and per_fragment.get(f.index, 0) != f.rows:
+                raise AssertionError(broken)
+
+
+def clean_class_sums(
+    plan: SourcePlan, cfg: Config, *, bytes_per_row: float
+) -> dict[str, dict[str, torch.Tensor]]:
     """Σ of clipped per-example head gradients per class over the Poisson-sampled rows, reduced
     over all actors (float64). Private: never leaves stage 1 without noise."""
-    t = cfg.targets
+    t, d = cfg.targets, cfg.data
+    thresholds, kept = cap_thresholds(plan, d, cfg.seed) if has_caps(d) else (None, None)
+    estimated = sum(kept.values()) if kept else plan.estimated_rows(bytes_per_row)
+    per_call, blocks = stream_shape(estimated, t.rows_per_partial, t.micro_batch_size, t.max_actors)
+    rows = real_rows(plan, d, blocks=blocks, thresholds=thresholds, cap_seed=cfg.seed)
     partials = map_on_actor_pool(
-        real.table.select(["row", "text", "label"]),
+        rows,
         ClippedHeadGradSums,
         constructor_kwargs={"cfg": cfg},
         pool=t,
-        batch_size=t.rows_per_partial,
+        batch_size=per_call,
         execution=cfg.execution,
-        blocks_per_actor=4,
     )
     sums: dict[str, dict[str, torch.Tensor]] = {}
     seen: dict[str, int] = {}
-    # The bar shows a percentage only: the number of real rows is private.
+    exactly_once = ExactlyOnce(plan, kept)
+    # The bar shows a percentage only (of an estimate for JSON and CSV): row counts are private.
     bar_format = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]"
-    with tqdm(total=real.table.num_rows, desc="targets", bar_format=bar_format) as bar:
+    with tqdm(total=max(estimated, 1), desc="targets", bar_format=bar_format) as bar:
         for out in partials.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
-            label, rows = str(out["label"][0]), int(out["rows_seen"][0])
+            label, rows_seen = str(out["label"][0]), int(out["rows_seen"][0])
             acc = sums.setdefault(label, {})
             for name in ("weight", "bias"):
                 if f"{name}_sum" in out:
@@ -145,12 +198,12 @@ def clean_class_sums(real: RealExamples, cfg: Config) -> dict[str, dict[str, tor
                         acc[name].add_(value)
                     else:
                         acc[name] = value
-            seen[label] = seen.get(label, 0) + rows
-            bar.update(rows)
-    if seen != {
-        k: n for k, n in real.counts.items() if n
-    }:  # no numbers in the message: they are private
-        raise AssertionError("Internal error: stage 1 lost or double-counted a partial sum")
+            seen[label] = seen.get(label, 0) + rows_seen
+            exactly_once.add(label, str(out["fragments"][0]))
+            bar.update(min(rows_seen, bar.total - bar.n))
+        bar.update(bar.total - bar.n)  # the estimate was off: the stream is done all the same
+    exactly_once.check(seen)
+    check_class_counts(seen, d, plan.name)  # a class with < 2 rows: DataError, nothing released
     return sums
 
 
@@ -187,11 +240,16 @@ def resolve_clip_norm(cfg: Config) -> tuple[Config, str]:
 
 
 def run_targets(
-    real: RealExamples, cfg: Config, out: OutputDir, *, model_revision: str | None
+    plan: SourcePlan,
+    cfg: Config,
+    out: OutputDir,
+    *,
+    bytes_per_row: float,
+    model_revision: str | None,
 ) -> TargetsResult:
     start = time.perf_counter()
     cfg, clip_source = resolve_clip_norm(cfg)
-    sums = clean_class_sums(real, cfg)
+    sums = clean_class_sums(plan, cfg, bytes_per_row=bytes_per_row)
     std = noise_std_of_sum(cfg.privacy)
     targets = release_noisy_sums(sums, std, noise_source(cfg.privacy, cfg.seed))
     del sums  # nothing un-noised outlives this function
