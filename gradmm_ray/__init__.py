@@ -16,12 +16,14 @@ Ray Train driver in distributed/ also reads the finetune application's typed con
 The DP boundary, in one place:
 
   io.real_data ──► distributed.targets ──► core.privacy.release_noisy_sums ──► targets.safetensors
-   (real rows)      (stage 1: clipped        (noise from the OS CSPRNG,          (noisy per-class
-                     per-example sums)         added once)                          sums only)
+   (real rows,      (stage 1: clipped        (noise from the OS CSPRNG,          (noisy per-class
+    streamed by      per-example sums)         added once)                          sums only)
+    distributed.real_rows)
                                                                                       │
   distributed.solve, distributed.select, distill.output ◄──────────────────────────────┘
    (stages 2 and 3 read the release only; tests/test_layers.py proves they cannot import
-    io.real_data). The opt-in audit (distill.audit) reads real rows again, outside the guarantee.
+    io.real_data). The opt-in audit (distributed.audit) streams the real rows again, outside
+    the guarantee.
 """
 
 __version__ = "0.1.0"

@@ -163,6 +163,36 @@ def test_bad_row_deep_in_the_data_fails_the_run_with_one_line(ray_session, tmp_p
     assert not (out / "targets.safetensors").exists()
 
 
+def test_the_stream_runs_when_the_actors_hold_every_cpu(ray_session, tmp_path):
+    """As on a 2-core machine with a 2-actor pool: the reads need no CPU of their own, so an
+    actor pool holding every CPU still gets its input (with a CPU each they would wait forever;
+    the stall timeout turns that into a failure here)."""
+    from gradmm_ray.config import ExecutionConfig, TargetsConfig
+    from gradmm_ray.distributed.ray_env import map_on_actor_pool
+    from gradmm_ray.distributed.real_rows import real_rows
+
+    class CountRows:  # local: pickled by value, workers cannot import test modules
+        def __call__(self, batch: dict) -> dict:
+            return {"rows": np.array([len(batch["key"])])}
+
+    cpus = int(ray_session.cluster_resources()["CPU"])
+    data = DataConfig(source=write_jsonl(tmp_path / "d.jsonl", reviews(40)))
+    ctx = ray_session.data.DataContext.get_current()
+    before, ctx.execution_no_progress_timeout_s = ctx.execution_no_progress_timeout_s, 60
+    try:
+        calls = map_on_actor_pool(
+            real_rows(plan_source(data), data, blocks=8, thresholds=None, cap_seed=0),
+            CountRows,
+            constructor_kwargs={},
+            pool=TargetsConfig(min_actors=cpus, max_actors=cpus, num_gpus=0, num_cpus=1),
+            batch_size=5,
+            execution=ExecutionConfig(),
+        ).take_all()
+    finally:
+        ctx.execution_no_progress_timeout_s = before
+    assert sum(c["rows"] for c in calls) == 40
+
+
 def test_a_small_source_reaches_every_actor(ray_session, tmp_path):
     """One 60-row file and a pool of 2: the stream is cut so that both actors get calls (Ray
     would otherwise bundle the one small block into one call on one actor)."""

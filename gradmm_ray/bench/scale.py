@@ -127,7 +127,8 @@ def child(task: dict) -> dict:
     from gradmm_ray.distributed.real_rows import real_rows, stream_shape
     from gradmm_ray.distributed.targets import clean_class_sums
     from gradmm_ray.io.real_data import check_head, plan_source
-    from gradmm_ray.presets import load_yaml, resolve_config_path
+    from gradmm_ray.config import load_yaml
+    from gradmm_ray.presets import resolve_config_path
 
     cluster = None
     if task["cluster"]:

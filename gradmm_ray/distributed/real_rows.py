@@ -124,7 +124,7 @@ def cap_thresholds(
     the driver holds a few numbers per class. DataError when a class keeps fewer than 2."""
     depth = cap_depth(data)
     ds = ray.data.read_datasource(
-        RealRowsDatasource(plan, data), override_num_blocks=len(plan.fragments)
+        RealRowsDatasource(plan, data), override_num_blocks=len(plan.fragments), num_cpus=0
     ).map_batches(
         _cap_summary,
         fn_kwargs={"depth": depth, "seed": seed},
@@ -160,6 +160,9 @@ def real_rows(
     return ray.data.read_datasource(
         RealRowsDatasource(plan, data, thresholds=thresholds, cap_seed=cap_seed),
         override_num_blocks=max(blocks, len(plan.fragments)),
+        # Reads are light next to the model: 0 CPUs, so that a pool of actors holding every
+        # CPU (a 2-core machine, or a cluster's CPU nodes) cannot starve its own input.
+        num_cpus=0,
     )
 
 
