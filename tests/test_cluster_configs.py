@@ -39,6 +39,7 @@ LAUNCHERS = {"aws": CLUSTER / "aws.yaml", "gcp": CLUSTER / "gcp.yaml"}
 RAYCLUSTER = CLUSTER / "kuberay" / "raycluster.yaml"
 RAYJOB = CLUSTER / "kuberay" / "rayjob.yaml"
 RUNTIME_ENV = CLUSTER / "runtime_env.yaml"
+RUNTIME_ENV_PIP = CLUSTER / "runtime_env_pip.yaml"
 ALL_CONFIGS = [*LAUNCHERS.values(), RAYCLUSTER, RAYJOB, RUNTIME_ENV]
 CRDS = {
     "RayCluster": SCHEMAS / "ray.io_rayclusters.yaml",
@@ -399,7 +400,7 @@ def kuberay_policy_problems(spec: dict[str, Any], name: str = "gradmm-ray") -> P
 
 def runtime_env_problems(env: dict[str, Any], *, remote_working_dir: bool = False) -> Problems:
     """Ray's own RuntimeEnv validation plus: only known fields, HF transfer off, tokenizers
-    parallelism off, the project installed with the constraints, no secret env var."""
+    parallelism off, anything installed with the constraints, no secret env var."""
     from ray.runtime_env import RuntimeEnv
 
     problems: Problems = []
@@ -416,12 +417,13 @@ def runtime_env_problems(env: dict[str, Any], *, remote_working_dir: bool = Fals
     if env_vars.get("TOKENIZERS_PARALLELISM") != "false":
         problems.append("env_vars.TOKENIZERS_PARALLELISM must be 'false'")
     problems += [f"env_vars.{k} looks like a secret" for k in env_vars if SECRET_ENV_NAME.search(k)]
-    pip = env.get("pip")
-    packages = pip.get("packages", []) if isinstance(pip, dict) else pip
-    if not isinstance(packages, list) or not any(
-        re.match(r"-c \S*constraints\.txt$", p) for p in packages
-    ):
-        problems.append("pip.packages must constrain with -c .../constraints.txt")
+    if "pip" in env:  # installing is optional; when it installs, the tested versions
+        pip = env["pip"]
+        packages = pip.get("packages", []) if isinstance(pip, dict) else pip
+        if not isinstance(packages, list) or not any(
+            re.match(r"-c \S*constraints\.txt$", p) for p in packages
+        ):
+            problems.append("pip.packages must constrain with -c .../constraints.txt")
     if remote_working_dir and "://" not in str(env.get("working_dir", "")):
         problems.append("working_dir must be a remote URI (the submitter Pod has no local copy)")
     return problems
@@ -567,12 +569,37 @@ def test_rayjob_lifecycle_and_entrypoint() -> None:
     assert runtime_env_problems(runtime_env, remote_working_dir=True) == []
 
 
-def test_runtime_env_file() -> None:
-    """cluster/runtime_env.yaml passes Ray's RuntimeEnv validation and excludes local junk."""
-    env = load(RUNTIME_ENV)
+def _declared_dependencies() -> list[str]:
+    import tomllib
+
+    project = tomllib.loads((CLUSTER.parent / "pyproject.toml").read_text())["project"]
+    return project["dependencies"] + project["optional-dependencies"]["cloud"]
+
+
+@pytest.mark.parametrize("path", [RUNTIME_ENV, RUNTIME_ENV_PIP], ids=lambda p: p.name)
+def test_runtime_env_files(path: Path) -> None:
+    """Both runtime environments pass Ray's RuntimeEnv validation and exclude local junk. The
+    default installs nothing (no pip, uv or conda: the nodes have the dependencies, the code runs
+    from the working dir); the pip one installs exactly pyproject's dependencies and `cloud`
+    extra under the constraints, never the project itself (no wheel build)."""
+    env = load(path)
     assert runtime_env_problems(env) == []
     assert {".venv", "outputs", ".git"} <= set(env["excludes"])
     assert "working_dir" not in env  # `--working-dir .` at submit time says which folder
+    installers = {"pip", "uv", "conda", "py_modules"} & set(env)
+    if path == RUNTIME_ENV:
+        assert installers == set()
+    else:
+        assert installers == {"pip"}
+        constraint, *packages = env["pip"]["packages"]
+        assert constraint == "-c ${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}/constraints.txt"
+        assert packages == _declared_dependencies()
+
+
+def test_rayjob_installs_what_the_pip_runtime_env_does() -> None:
+    """The RayJob (bare rayproject/ray images) carries runtime_env_pip.yaml's pip section."""
+    runtime_env = yaml.safe_load(load(RAYJOB)["spec"]["runtimeEnvYAML"])
+    assert runtime_env["pip"] == load(RUNTIME_ENV_PIP)["pip"]
 
 
 def test_images_match_pinned_ray() -> None:
@@ -827,7 +854,12 @@ BREAKAGES = {
         _set("spec/runtimeEnvYAML", "working_dir: .\nenv_vars: {}\n"),
         _rayjob_runtime_env,
     ),
-    "runtime_env: pip of the wrong type": (RUNTIME_ENV, _set("pip", 3), runtime_env_problems),
+    "runtime_env: pip of the wrong type": (RUNTIME_ENV_PIP, _set("pip", 3), runtime_env_problems),
+    "runtime_env: pip without the constraints": (
+        RUNTIME_ENV_PIP,
+        _set("pip/packages", ["torch>=2.3"]),
+        runtime_env_problems,
+    ),
     "runtime_env: unknown field": (RUNTIME_ENV, _set("env_var", {}), runtime_env_problems),
     "runtime_env: tokenizers parallel": (
         RUNTIME_ENV,

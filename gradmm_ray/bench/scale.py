@@ -28,7 +28,7 @@ HELP = """\
   scale       Stage 1 at data-lake sizes: generated Parquet (files of <= 100k rows, row groups
               of 16,384) at rows {10k, 100k, 1M} (quick: {2k, 20k}), tiny model, 2 CPU actors,
               each run in a fresh child process.
-              fields: per size: driver_peak_rss_mb (the child's ru_maxrss, Ray and torch
+              fields: per size: driver_peak_rss_mb (the child's VmHWM, Ray and torch
                 included), rows_per_s (stage 1 alone, ray.init excluded) and
                 forward_only_rows_per_s (the same stream and pool, the model's forward only);
                 stage1.driver_rss_growth = peak RSS at the largest size / at the smallest;
@@ -122,12 +122,11 @@ def child(task: dict) -> dict:
     """One measurement (in a fresh process): ``task`` = {mode, data, cluster}."""
     import ray
 
-    from gradmm_ray.config import build_config
+    from gradmm_ray.config import ExecutionConfig, build_config, load_yaml
     from gradmm_ray.distributed.ray_env import configure_ray_data, map_on_actor_pool
     from gradmm_ray.distributed.real_rows import real_rows, stream_shape
     from gradmm_ray.distributed.targets import clean_class_sums
     from gradmm_ray.io.real_data import check_head, plan_source
-    from gradmm_ray.config import load_yaml
     from gradmm_ray.presets import resolve_config_path
 
     cluster = None
@@ -151,8 +150,6 @@ def child(task: dict) -> dict:
             "output": "unused",
         },
     )
-    from gradmm_ray.config import ExecutionConfig
-
     configure_ray_data(ExecutionConfig())
     plan = plan_source(cfg.data)
     bytes_per_row = check_head(plan, cfg.data)
@@ -177,10 +174,16 @@ def child(task: dict) -> dict:
     ray.shutdown()
     if cluster is not None:
         cluster.shutdown()
-    return {
-        "seconds": seconds,
-        "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+    return {"seconds": seconds, "driver_peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over from
+    the parent across fork + exec, so a child would report at least its parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
 
 
 def _measure(mode: str, data: Path, cluster: bool = False) -> dict:

@@ -5,10 +5,10 @@ reads, validates and keys its fragment, applies the caps, and stamps every row w
 fragment and the number of rows of its class that the fragment holds, so that the driver can
 check that each row was counted exactly once without ever seeing the rows. Ray Data's built-in
 readers give no row position, which the keys (Poisson sample, caps) and the bad-row messages
-need; underneath they and this use the same pyarrow readers. Ray fuses the read into the
-stage's actors, so each actor reads the fragments it processes: an ``s3://`` / ``gs://`` source
-from any node, a local path (Ray's convention, as for its own readers) only where every node
-sees it (a shared filesystem, the job's working directory, the bundled sample).
+need; underneath they and this use the same pyarrow readers. Read tasks run on whichever node
+Ray picks: an ``s3://`` / ``gs://`` source is read from any node, a local path (Ray's convention,
+as for its own readers) only where every node sees it (a shared filesystem, the job's working
+directory, the bundled sample).
 
 With caps (``data.per_class`` / ``data.max_examples``), a first pass reduces every fragment to
 its class counts and lowest cap priorities (a few numbers per class), and the driver turns them

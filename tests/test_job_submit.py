@@ -1,0 +1,103 @@
+"""The README's cluster path, end to end on this machine: a local `ray start` head (loopback, its
+own temp dir and ports, stopped by pid, never `ray stop`), then `ray job submit --working-dir .
+--runtime-env cluster/runtime_env.yaml -- python jobs/distill.py ...`. The job must succeed with
+the project imported from the uploaded working dir and nothing installed (no pip, no
+virtualenv: the runtime environment has nothing to set up but the files)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _pids_under(folder: str) -> list[int]:
+    """Processes whose command line names ``folder`` (the head's own processes)."""
+    out = subprocess.run(["pgrep", "-f", folder], capture_output=True, text=True, check=False)
+    return [int(p) for p in out.stdout.split() if int(p) != os.getpid()]
+
+
+@pytest.fixture
+def ray_head():
+    """A head on loopback with 2 CPUs; yields (jobs API address, env for the CLI, its temp dir)."""
+    temp = tempfile.mkdtemp(prefix="gr-", dir="/tmp")  # short: Ray's socket paths are limited
+    gcs, dashboard, agent = _free_ports(3)
+    # `python` in the job's entrypoint is the node's: here, this environment's (as an image's).
+    bin_dir = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    ray_cli = str(Path(bin_dir) / "ray")
+    start = [
+        ray_cli, "start", "--head", f"--temp-dir={temp}", "--node-ip-address=127.0.0.1",
+        f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+        "--include-dashboard=true", f"--dashboard-agent-listen-port={agent}",
+        "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats",
+    ]  # fmt: skip
+    try:
+        subprocess.run(start, env=env, check=True, capture_output=True, text=True, timeout=180)
+        yield f"http://127.0.0.1:{dashboard}", env, Path(temp)
+    finally:
+        for pid in _pids_under(temp):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(1)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_submit_with_the_readme_runtime_env_installs_nothing(ray_head, tmp_path):
+    """The README's submit command (tiny model, stage 1 only) succeeds with the code from the
+    uploaded working dir and nothing installed, and the output holds the release."""
+    address, env, temp = ray_head
+    out = tmp_path / "out"
+    submit = [
+        str(Path(sys.executable).with_name("ray")), "job", "submit", f"--address={address}",
+        "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--",
+        "python", "jobs/distill.py", "--config", "tiny", "--stages", "targets",
+        "--output", str(out), "--set", "targets.max_actors=1", "--set", "targets.num_gpus=0",
+    ]  # fmt: skip
+    deadline = time.monotonic() + 120
+    while True:  # the head's job agent registers a few seconds after `ray start` returns
+        done = subprocess.run(
+            submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False
+        )
+        log = done.stdout + done.stderr
+        if "No available agent" not in log or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert done.returncode == 0, log[-3000:]
+    assert "succeeded" in log.lower(), log[-3000:]
+    assert (out / "targets.safetensors").stat().st_size > 0
+    # What the head's runtime-env agent made: the unpacked code, and no environment (the pip,
+    # uv and conda folders stay empty unless they install something).
+    resources = temp / "session_latest" / "runtime_resources"
+    assert any((resources / "working_dir_files").iterdir())
+    for installer in ("pip", "uv", "conda"):
+        folder = resources / installer
+        assert not folder.exists() or not any(folder.iterdir()), installer
