@@ -34,7 +34,7 @@ SUITES = {
     "scale": harness.Suite(scale.suite, help=scale.HELP),
 }
 HELP_ORDER = ("stage1", "stage2", "projection", "peers", "gpu", "scaling", "scale")
-# `scale` streams up to 1M generated rows (~N minutes here): run it by name.
+# `scale` streams up to 1M generated rows (~15 minutes on 2 cores): run it by name.
 DEFAULT_SUITES = [name for name in SUITES if name != "scale"]
 HELP = (
     "suites (default: all but scale; results are merged into an existing --json file by suite):\n\n"
