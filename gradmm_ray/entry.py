@@ -10,6 +10,9 @@ from gradmm_ray.errors import one_line
 
 EXIT_USER_ERROR = 2  # bad input: the line says what to fix
 EXIT_FAILED = 1  # the input was fine, Ray or a stage failed: the line says if re-running helps
+EXIT_STOPPED = (
+    130  # stopped on purpose (SIGTERM from `ray job stop`, or Ctrl-C): the line says what was kept
+)
 
 
 def make_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:

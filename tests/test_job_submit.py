@@ -1,8 +1,9 @@
-"""The README's cluster path, end to end on this machine: a local `ray start` head (loopback, its
+"""The operator's paths, end to end on this machine. The README's cluster path: a local `ray start` head (loopback, its
 own temp dir and ports, stopped by pid, never `ray stop`), then `ray job submit --working-dir .
 --runtime-env cluster/runtime_env.yaml -- python jobs/distill.py ...`. The job must succeed with
 the project imported from the uploaded working dir and nothing installed (no pip, no
-virtualenv: the runtime environment has nothing to set up but the files)."""
+virtualenv: the runtime environment has nothing to set up but the files). And a deliberate
+stop: one line saying what was kept, then the same command resumes."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from gradmm_ray.io.storage import LOCK_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -101,3 +104,32 @@ def test_submit_with_the_readme_runtime_env_installs_nothing(ray_head, tmp_path)
     for installer in ("pip", "uv", "conda"):
         folder = resources / installer
         assert not folder.exists() or not any(folder.iterdir()), installer
+
+
+def test_a_stopped_run_says_what_it_kept_and_resumes(tmp_path):
+    """SIGTERM (what `ray job stop` sends) during stage 2: exit 130, one plain line naming what
+    the output keeps, no stack dump, the lock released; the same command then resumes."""
+    out = tmp_path / "out"
+    argv = [
+        sys.executable, "jobs/distill.py", "--config", "tiny", "--output", str(out),
+        "--set", "solve.candidates_per_class=20", "--set", "solve.max_actors=1",
+    ]  # fmt: skip
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.Popen(
+        argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while not list((out / "solves").glob("part-*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"distill.py: stopped by SIGTERM; {out} keeps targets.safetensors, ")
+    assert "re-run the same command to resume" in last
+    assert "SIGTERM received" not in err and "Traceback" not in err
+    assert not (out / LOCK_FILE).exists()
+    again = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "already done" in again.stdout and "0 already done" not in again.stdout

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from gradmm_ray.config import STAGES, build_config, load_yaml, parse_override
 from gradmm_ray.entry import (
     EXIT_FAILED,
+    EXIT_STOPPED,
     EXIT_USER_ERROR,
     add_set_argument,
     fail,
@@ -120,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = pipeline.run(prep)
     except (RayStartFailed, StageFailed) as e:
         return fail(PROG, e, EXIT_FAILED)
+    except pipeline.Stopped as e:  # not an error: one plain line
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return EXIT_STOPPED
     except UserError as e:  # e.g. another run took the output's lock after prepare
         return fail(PROG, e, EXIT_USER_ERROR)
     print(format_summary(summary))

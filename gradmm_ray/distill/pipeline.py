@@ -7,6 +7,7 @@ All checks that can fail on user input (config, data, model, output directory) r
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from gradmm_ray.io.storage import (
     check_output_dir,
     check_output_location,
     check_writable,
+    is_own,
     output_lock,
     remove_run_files,
 )
@@ -102,6 +104,9 @@ def _run_locked(prep: Prepared) -> RunSummary:
     summary = RunSummary(output=out.uri, mode=prep.mode)
     # Ray first: when it cannot start or join, the output is left exactly as it was.
     summary.cluster, started_ray = init_ray()
+    # After ray.init, whose handler would print a stack dump: a stop (`ray job stop` sends
+    # SIGTERM) unwinds like Ctrl-C, so the lock is released and one line says what was kept.
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         if prep.mode == "overwrite":
             remove_run_files(out)
@@ -109,10 +114,42 @@ def _run_locked(prep: Prepared) -> RunSummary:
         out.write_json(RUN_FILE, {**run_record, "config": cfg.to_dict()})
         configure_ray_data(cfg.execution)
         _run_stages(prep, summary)
+    except KeyboardInterrupt as e:
+        raise Stopped(
+            _what_was_kept(out, "SIGTERM" if isinstance(e, _Terminated) else "Ctrl-C")
+        ) from None
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if started_ray:
             ray.shutdown()
     return summary
+
+
+class Stopped(Exception):
+    """The run was stopped (SIGTERM, e.g. `ray job stop`, or Ctrl-C); the message says what the
+    output keeps."""
+
+
+class _Terminated(KeyboardInterrupt):
+    pass
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
+def _what_was_kept(out: OutputDir, how: str) -> str:
+    from gradmm_ray.distributed.solve import SOLVES_DIR
+
+    kept = [TARGETS_FILE] if out.exists(TARGETS_FILE) else []
+    parts = [rel for rel in out.list(SOLVES_DIR, ".parquet") if is_own(rel)]
+    if parts:
+        kept.append(f"{len(parts)} {SOLVES_DIR}/ part file(s)")
+    what = ", ".join(kept) if kept else "nothing finished yet"
+    return (
+        f"stopped by {how}; {out.uri} keeps {what}: re-run the same command to resume "
+        "(finished stages and solved examples are not computed again)"
+    )
 
 
 def _run_stages(prep: Prepared, summary: RunSummary) -> None:
