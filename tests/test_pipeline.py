@@ -6,6 +6,7 @@ import io
 import json
 import re
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -181,6 +182,13 @@ def test_manifest_funnel_and_report(demo_run):
         "targets.json",
     ):
         assert (out / rel).stat().st_size > 0
+    # The newcomer's summary: the selected rows' median matching loss (from the output itself)
+    # beside their pre-ADMM start and all candidates, and the privacy in words.
+    report = (out / "report.md").read_text()
+    glance = report[report.index("## At a glance") : report.index("## Privacy")]
+    median = float(np.median(pq.read_table(out / "synthetic.parquet").column("match_loss")))
+    assert f"selected rows median {median:.3f}; the same rows before ADMM" in glance
+    assert "all 6 candidates" in glance and "factor e^1 " in glance
     targets = json.loads((out / "targets.json").read_text())
     assert (
         targets["privacy"]["adjacency"] == "add_remove"
