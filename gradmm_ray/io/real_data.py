@@ -517,7 +517,7 @@ def check_head(plan: SourcePlan, cfg: DataConfig) -> float:
     """Validate the first fragment's first rows on the driver: a systematic problem (a wrong
     column, labels the verbalizers do not know, integer labels without names) stops the run
     before the cluster starts (and, when these rows are the whole source, a class with fewer
-    than 2). Returns bytes per row (to size the stream for JSON and CSV)."""
+    than 2). Returns file bytes per row (to size the stream for JSON and CSV)."""
     frag = plan.fragments[0]
     raw = read_fragment(plan, frag, _required_columns(cfg), limit=HEAD_ROWS)
     only = len(plan.fragments) == 1 or all(f.rows == 0 for f in plan.fragments)
@@ -529,7 +529,9 @@ def check_head(plan: SourcePlan, cfg: DataConfig) -> float:
     if len(plan.fragments) == 1 and whole:  # the head is all the data: count its classes now
         labels = rows.column("label").to_numpy(zero_copy_only=False)
         check_class_counts({lab: int((labels == lab).sum()) for lab in cfg.verbalizers}, cfg, shown)
-    return raw.nbytes / max(raw.num_rows, 1)
+    # File bytes per row (what estimated_rows divides): the parsed head's, exact for a whole file.
+    parsed = frag.size_bytes if whole else min(frag.size_bytes, HEAD_BYTES)
+    return parsed / max(raw.num_rows, 1)
 
 
 # ---------------------------------------------------------------------------------------------
