@@ -136,16 +136,17 @@ class PoolConfig:
 
 @dataclass(frozen=True)
 class TargetsConfig(PoolConfig):
-    """Stage 1: its pool, and how much each actor call takes. Each call takes at most
-    `rows_per_partial` rows (fewer when the data is small, so that every actor gets at least 4
-    calls), runs them through the model `micro_batch_size` at a time and emits one per-class
-    partial sum: the driver receives rows / rows_per_partial partials per class. `gradient` is the released target's space: full_head (the whole
+    """Stage 1: its pool, and how much each actor call takes. The stream is cut into 4 calls per
+    actor (`max_actors`), each of at most `rows_per_partial` rows; a call runs its rows through
+    the model `micro_batch_size` at a time and emits one per-class partial sum, so the driver
+    receives 4 x max_actors partials per class up to 4 x max_actors x rows_per_partial rows
+    (32 M with 8 actors), then one per rows_per_partial rows. `gradient` is the released target's space: full_head (the whole
     LM head's next-token gradient, V x d) or label_rows (the label-option cross-entropy's
     gradient on the verbalizer tokens' head rows, |S| x d; single-token verbalizers only)."""
 
     gradient: str = _result("label_rows")
     micro_batch_size: int = _resource(32)
-    rows_per_partial: int = _resource(65536)
+    rows_per_partial: int = _resource(1_048_576)
 
 
 @dataclass(frozen=True)

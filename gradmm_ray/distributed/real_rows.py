@@ -169,7 +169,8 @@ def real_rows(
 def stream_shape(
     estimated_rows: int, rows_per_partial: int, min_rows: int, max_actors: int
 ) -> tuple[int, int]:
-    """(rows per actor call, blocks): calls of at most ``rows_per_partial`` rows, and at least 4
-    per actor when the data is small, so that every actor of the pool gets work."""
+    """(rows per actor call, blocks): 4 calls per actor (so that every actor gets work, and the
+    driver's partials scale with the pool, not the rows), each of at most ``rows_per_partial``
+    rows (a call's memory, and what a retry re-runs)."""
     per_call = max(min_rows, min(rows_per_partial, math.ceil(estimated_rows / (4 * max_actors))))
     return per_call, max(1, math.ceil(estimated_rows / per_call))
