@@ -124,7 +124,7 @@ def child(task: dict) -> dict:
 
     from gradmm_ray.config import ExecutionConfig, build_config, load_yaml
     from gradmm_ray.distributed.ray_env import configure_ray_data, map_on_actor_pool
-    from gradmm_ray.distributed.real_rows import real_rows, stream_shape
+    from gradmm_ray.distributed.real_rows import stream_for_pool
     from gradmm_ray.distributed.targets import clean_class_sums
     from gradmm_ray.io.real_data import check_head, plan_source
     from gradmm_ray.presets import resolve_config_path
@@ -158,14 +158,13 @@ def child(task: dict) -> dict:
         clean_class_sums(plan, cfg, bytes_per_row=bytes_per_row)
     else:
         t = cfg.targets
-        rows = plan.estimated_rows(bytes_per_row)
-        per_call, blocks = stream_shape(rows, t.rows_per_partial, t.micro_batch_size, t.max_actors)
+        stream = stream_for_pool(plan, cfg.data, t, seed=0, bytes_per_row=bytes_per_row)
         ds = map_on_actor_pool(
-            real_rows(plan, cfg.data, blocks=blocks, thresholds=None, cap_seed=0),
+            stream.rows,
             ForwardOnly,
             constructor_kwargs={"cfg": cfg},
             pool=t,
-            batch_size=per_call,
+            batch_size=stream.per_call,
             execution=cfg.execution,
         )
         for _ in ds.iter_batches(batch_size=None):

@@ -14,8 +14,8 @@ from gradmm_ray.config import Config
 from gradmm_ray.core.lm import load_model
 from gradmm_ray.distill.audit import RealNeighbours, audit_table, merge_answers
 from gradmm_ray.distributed.ray_env import map_on_actor_pool
-from gradmm_ray.distributed.real_rows import cap_thresholds, real_rows, stream_shape
-from gradmm_ray.io.real_data import SourcePlan, has_caps
+from gradmm_ray.distributed.real_rows import stream_for_pool
+from gradmm_ray.io.real_data import SourcePlan
 
 
 class NearestRealRows:
@@ -39,16 +39,14 @@ class NearestRealRows:
 def run_audit(
     plan: SourcePlan, selected: list[dict], cfg: Config, *, bytes_per_row: float
 ) -> pa.Table:
-    t, d = cfg.targets, cfg.data
-    thresholds, kept = cap_thresholds(plan, d, cfg.seed) if has_caps(d) else (None, None)
-    estimated = sum(kept.values()) if kept else plan.estimated_rows(bytes_per_row)
-    per_call, blocks = stream_shape(estimated, t.rows_per_partial, t.micro_batch_size, t.max_actors)
+    t = cfg.targets
+    stream = stream_for_pool(plan, cfg.data, t, seed=cfg.seed, bytes_per_row=bytes_per_row)
     answers = map_on_actor_pool(
-        real_rows(plan, d, blocks=blocks, thresholds=thresholds, cap_seed=cfg.seed),
+        stream.rows,
         NearestRealRows,
         constructor_kwargs={"cfg": cfg, "queries": [r["text"] for r in selected]},
         pool=t,
-        batch_size=per_call,
+        batch_size=stream.per_call,
         execution=cfg.execution,
     )
     best: dict[int, dict] = {}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +30,7 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 from tqdm.auto import tqdm
 
-from gradmm_ray.config import DataConfig
+from gradmm_ray.config import DataConfig, TargetsConfig
 from gradmm_ray.io.real_data import (
     CapSummary,
     SourcePlan,
@@ -38,6 +39,7 @@ from gradmm_ray.io.real_data import (
     check_class_counts,
     class_quotas,
     fragment_rows,
+    has_caps,
     within_caps,
 )
 
@@ -174,3 +176,29 @@ def stream_shape(
     rows (a call's memory, and what a retry re-runs)."""
     per_call = max(min_rows, min(rows_per_partial, math.ceil(estimated_rows / (4 * max_actors))))
     return per_call, max(1, math.ceil(estimated_rows / per_call))
+
+
+@dataclass
+class PoolStream:
+    """The real rows cut for a pool: the dataset, rows per actor call, the rows expected (exact
+    for Parquet or capped sources, else estimated from file sizes), and, when capped, the rows
+    each class keeps."""
+
+    rows: ray.data.Dataset
+    per_call: int
+    expected_rows: int
+    kept: dict[str, int] | None
+
+
+def stream_for_pool(
+    plan: SourcePlan, data: DataConfig, pool: TargetsConfig, *, seed: int, bytes_per_row: float
+) -> PoolStream:
+    """The caps' first pass when capped, then the stream shaped for ``pool`` (stage 1's and the
+    audit's: the same rows, the same cut)."""
+    thresholds, kept = cap_thresholds(plan, data, seed) if has_caps(data) else (None, None)
+    expected = sum(kept.values()) if kept else plan.estimated_rows(bytes_per_row)
+    per_call, blocks = stream_shape(
+        expected, pool.rows_per_partial, pool.micro_batch_size, pool.max_actors
+    )
+    rows = real_rows(plan, data, blocks=blocks, thresholds=thresholds, cap_seed=seed)
+    return PoolStream(rows, per_call, expected, kept)

@@ -42,9 +42,9 @@ from gradmm_ray.core.privacy import (
 from gradmm_ray.core.target_space import public_clip_norm, target_space
 from gradmm_ray.core.text import encode_pair
 from gradmm_ray.distributed.ray_env import actor_gpus, map_on_actor_pool
-from gradmm_ray.distributed.real_rows import cap_thresholds, real_rows, stream_shape
+from gradmm_ray.distributed.real_rows import stream_for_pool
 from gradmm_ray.errors import OutputError
-from gradmm_ray.io.real_data import SourcePlan, check_class_counts, has_caps
+from gradmm_ray.io.real_data import SourcePlan, check_class_counts
 from gradmm_ray.io.storage import OutputDir
 
 TARGETS_FILE = "targets.safetensors"
@@ -170,24 +170,21 @@ def clean_class_sums(
     """Σ of clipped per-example head gradients per class over the Poisson-sampled rows, reduced
     over all actors (float64). Private: never leaves stage 1 without noise."""
     t, d = cfg.targets, cfg.data
-    thresholds, kept = cap_thresholds(plan, d, cfg.seed) if has_caps(d) else (None, None)
-    estimated = sum(kept.values()) if kept else plan.estimated_rows(bytes_per_row)
-    per_call, blocks = stream_shape(estimated, t.rows_per_partial, t.micro_batch_size, t.max_actors)
-    rows = real_rows(plan, d, blocks=blocks, thresholds=thresholds, cap_seed=cfg.seed)
+    stream = stream_for_pool(plan, d, t, seed=cfg.seed, bytes_per_row=bytes_per_row)
     partials = map_on_actor_pool(
-        rows,
+        stream.rows,
         ClippedHeadGradSums,
         constructor_kwargs={"cfg": cfg},
         pool=t,
-        batch_size=per_call,
+        batch_size=stream.per_call,
         execution=cfg.execution,
     )
     sums: dict[str, dict[str, torch.Tensor]] = {}
     seen: dict[str, int] = {}
-    exactly_once = ExactlyOnce(plan, kept)
+    exactly_once = ExactlyOnce(plan, stream.kept)
     # The bar shows a percentage only (of an estimate for JSON and CSV): row counts are private.
     bar_format = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]"
-    with tqdm(total=max(estimated, 1), desc="targets", bar_format=bar_format) as bar:
+    with tqdm(total=max(stream.expected_rows, 1), desc="targets", bar_format=bar_format) as bar:
         for out in partials.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
             label, rows_seen = str(out["label"][0]), int(out["rows_seen"][0])
             acc = sums.setdefault(label, {})
