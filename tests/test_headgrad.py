@@ -32,6 +32,7 @@ from gradmm_ray.core.headgrad import (
     logits_grad,
     match_loss,
     per_example_head_grads,
+    times_transposed,
 )
 from gradmm_ray.core.lm import CausalLM, logits_tail_for, pad_pairs
 from gradmm_ray.core.text import encode_pair, format_prompt
@@ -367,3 +368,22 @@ def test_padded_positions_contribute_nothing(mixed):
     B_p = F.pad(case.B, (0, 0, 0, 2))
     torch.testing.assert_close(head_grad_sq_norms(A_p, B_p, with_bias=with_bias), sq)
     torch.testing.assert_close(head_grad_cosines(A_p, B_p, G_W, G_b), cos)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 40])  # both orientations: at most _FEW_ROWS, and more
+def test_times_transposed_equals_matmul_with_gradients(rows):
+    """times_transposed(A, M) is A Mᵀ: value, dA, dM and a double backward (the reference
+    objective differentiates through it with create_graph) equal plain autograd's."""
+    g = torch.Generator().manual_seed(rows)
+    A = torch.randn(rows, 1, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    M = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(rows, 1, 50, generator=g, dtype=torch.float64)
+
+    def grads(product):
+        z = product(A, M)
+        dA, dM = torch.autograd.grad((z * w).sum() ** 2, (A, M), create_graph=True)
+        (ddA,) = torch.autograd.grad(dA.square().sum() + dM.sum(), A)
+        return z, dA, dM, ddA
+
+    for ours, plain in zip(grads(times_transposed), grads(lambda a, m: a @ m.T), strict=True):
+        torch.testing.assert_close(ours, plain, rtol=1e-12, atol=1e-12)

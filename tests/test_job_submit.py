@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,6 +24,9 @@ import pytest
 from gradmm_ray.io.storage import LOCK_FILE
 
 REPO = Path(__file__).resolve().parents[1]
+# What a healthy run must not print: a C++ (glog) error-level line, a Python ERROR log line, a
+# traceback or a signal's stack dump.
+ERROR_LEVEL = re.compile(r"^\[[^\]]* E \d+ \d+\]|\bERROR\b|Traceback|\*\*\* SIG", re.MULTILINE)
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
@@ -96,6 +100,7 @@ def test_submit_with_the_readme_runtime_env_installs_nothing(ray_head, tmp_path)
         time.sleep(3)
     assert done.returncode == 0, log[-3000:]
     assert "succeeded" in log.lower(), log[-3000:]
+    assert not ERROR_LEVEL.search(done.stdout), ERROR_LEVEL.search(done.stdout)  # the job's log
     assert (out / "targets.safetensors").stat().st_size > 0
     # What the head's runtime-env agent made: the unpacked code, and no environment (the pip,
     # uv and conda folders stay empty unless they install something).
@@ -133,3 +138,5 @@ def test_a_stopped_run_says_what_it_kept_and_resumes(tmp_path):
     again = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "already done" in again.stdout and "0 already done" not in again.stdout
+    # A healthy run (stages 2 and 3 on Ray Data actor pools) prints no error-level line.
+    assert not ERROR_LEVEL.search(again.stderr), again.stderr[-3000:]

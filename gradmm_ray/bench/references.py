@@ -30,6 +30,7 @@ from gradmm_ray.core.admm import (
     solve_batch,
 )
 from gradmm_ray.core.lm import CausalLM
+from gradmm_ray.core.projection import project
 
 # ---------------------------------------------------------------------------------------------
 # One example's head gradient
@@ -170,6 +171,11 @@ def x_update(objective, X, opt, Z, Lam, rho, steps: int, grad_clip: float) -> li
     return trajectory
 
 
+def uncached_project(*args, **kwargs) -> torch.Tensor:
+    """``core.projection.project`` re-running the whole prefix at every position (no KV cache)."""
+    return project(*args, use_cache=False, **kwargs)
+
+
 def reference_solve_batch(
     lm: CausalLM, layout: SequenceLayout, target: Target, *args, **kwargs
 ) -> list[SolveResult]:
@@ -177,5 +183,5 @@ def reference_solve_batch(
     projection (same arguments as solve_batch)."""
     reference = ReferenceObjective(lm, layout, target)
     return solve_batch(
-        lm, layout, target, *args, objective=reference, cached_projection=False, **kwargs
+        lm, layout, target, *args, objective=reference, projection=uncached_project, **kwargs
     )

@@ -16,8 +16,8 @@ from gradmm_ray.core.lm import CausalLM
 
 HELP = """\
   scaling     Ray stage 2 (gradmm_ray.distributed.solve.run_solve, tiny model, CPU actors) with 1 and 2
-              actors on a local ray.init(num_cpus=4), 96 work items; skipped when Ray is not
-              importable.
+              actors on a local ray.init(num_cpus=4), 96 work items against random targets in
+              the default (label_rows) space; skipped when Ray is not importable.
               fields: examples_per_s {1, 2}: the stage's steady rate, items solved after the
                 first result (less each actor's first batch) / time after the first result;
                 stage2.scaling_2_actors = examples_per_s(2) / examples_per_s(1);
@@ -36,14 +36,17 @@ def suite(s: Settings, quick: bool, lm: CausalLM | None) -> dict:
         return {"skipped": "ray is not importable in this environment"}
     from gradmm_ray.config import build_config
     from gradmm_ray.core.lm import load_causal_lm
+    from gradmm_ray.core.target_space import target_space
     from gradmm_ray.distributed.solve import run_solve
     from gradmm_ray.io.storage import OutputDir
 
     tiny = load_causal_lm("tiny", dtype="float32", device="cpu")  # builds the cache entry once
-    V, d = tiny.head.weight.shape
+    verbalizers = build_config({"model": {"name": "tiny"}}).data.verbalizers
+    space = target_space("label_rows", tiny, verbalizers)  # the default target space
     g = torch.Generator().manual_seed(5)
-    labels = ("negative", "positive")  # the default verbalizers' labels
-    targets = {lab: {"weight": torch.randn((V, d), generator=g) * 1e-3} for lab in labels}
+    targets = {
+        label: {"weight": torch.randn(space.W.shape, generator=g) * 1e-3} for label in verbalizers
+    }
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
@@ -59,6 +62,7 @@ def suite(s: Settings, quick: bool, lm: CausalLM | None) -> dict:
                 {
                     "model": {"name": "tiny", "dtype": "float32", "device": "cpu"},
                     "admm": {**asdict(s.scaling_admm), "rho": [1.0]},
+                    "targets": {"gradient": "label_rows"},  # the targets above
                     "solve": {
                         "candidates_per_class": per_class,
                         "batch_size": s.scaling_batch,
@@ -72,7 +76,7 @@ def suite(s: Settings, quick: bool, lm: CausalLM | None) -> dict:
             )
             return run_solve(targets, cfg, OutputDir(tmp))
 
-    items = len(labels) * s.scaling_per_class
+    items = len(verbalizers) * s.scaling_per_class
     runs = {}
     try:
         if s.scaling_warmup:  # Ray Data's first execution in a session pays one-off costs

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -205,17 +206,19 @@ def initial_embeddings(
     chunk: int = 64,
 ) -> Tensor:
     """Per example: `candidates` random-normal draws rescaled to the typical token norm; keep the
-    one with the lowest matching loss. (N, n, d)."""
+    one with the lowest matching loss. (N, n, d). Each example draws from its own seed; the
+    losses of all examples' draws are taken together, ``chunk`` rows a forward (a forward reads
+    the whole V x d head and target once, whatever its batch)."""
     d = objective.W.shape[1]
-    best = []
+    draws = []
     for s in seeds:
         g = torch.Generator(device="cpu").manual_seed(s)
-        cand = torch.randn((candidates, num_tokens, d), generator=g)
-        cand = cand * (norm / cand.norm(dim=-1, keepdim=True))
-        cand = cand.to(objective.lm.device)
-        losses = torch.cat([objective(cand[i : i + chunk]) for i in range(0, candidates, chunk)])
-        best.append(cand[losses.argmin()])
-    return torch.stack(best)
+        draws.append(torch.randn((candidates, num_tokens, d), generator=g))
+    cand = torch.cat(draws)
+    cand = (cand * (norm / cand.norm(dim=-1, keepdim=True))).to(objective.lm.device)
+    losses = torch.cat([objective(cand[i : i + chunk]) for i in range(0, len(cand), chunk)])
+    best = losses.view(len(seeds), candidates).argmin(dim=1)  # (N,)
+    return cand.view(len(seeds), candidates, num_tokens, d)[range(len(seeds)), best]
 
 
 def clip_per_example_(grad: Tensor, max_norm: float) -> None:
@@ -234,13 +237,14 @@ def solve_batch(
     seed: int,
     allowed: Tensor,
     objective: MatchingObjective | None = None,
-    cached_projection: bool = True,
+    projection: Callable[..., Tensor] = project,
     space: TargetSpace | None = None,
 ) -> list[SolveResult]:
     """Solve ADMM for examples of ONE label side by side. items: (synthetic_id, rho).
 
-    ``objective`` and ``cached_projection`` exist for the benchmark's reference (another loss
-    of the same value, the projection re-running each prefix): same algorithm, same trajectory.
+    ``objective`` and ``projection`` (called as ``core.projection.project``) exist for the
+    benchmark: its reference (another loss of the same value, a projection re-running each
+    prefix: same trajectory) and its re-creation of the authors' approach run this same loop.
     ``space``: the target's space (None = full_head), for the default objective."""
     start = time.perf_counter()
     objective = objective or MatchingObjective(lm, layout, target, space)
@@ -268,14 +272,13 @@ def solve_batch(
     best_fx = torch.full((N,), float("inf"), device=dev)
     for _ in range(cfg.outer_iters):
         with torch.no_grad():
-            tokens = project(
+            tokens = projection(
                 lm,
                 X.detach() + Lam / rho,
                 prefixes,
                 allowed,
                 rule=cfg.projection,
                 k=cfg.topk,
-                use_cache=cached_projection,
                 first_allowed=first_allowed,
             )
             Z = emb(tokens).float()  # (N, n, d)
@@ -299,14 +302,13 @@ def solve_batch(
             curves["res"].append((X.detach() - Z).flatten(1).norm(dim=1).tolist())
 
     with torch.no_grad():
-        final = project(
+        final = projection(
             lm,
             best_x,
             prefixes,
             allowed,
             rule=cfg.projection,
             k=cfg.topk,
-            use_cache=cached_projection,
             first_allowed=first_allowed,
         )
     projections.append(final)

@@ -53,9 +53,42 @@ def logits_grad(
     return grad
 
 
+class _TimesTallTransposed(torch.autograd.Function):
+    """A Mᵀ for a tall M (V x d; A has few rows), computed as (M Aᵀ)ᵀ. On CPU the A Mᵀ
+    orientation of this product runs 2-3x slower (oneDNN; 8 x 256 by 32,000 x 256: 5.3 ms
+    against 2.0 ms on the development machine, the head matmuls of every ADMM step and
+    projection). The backward keeps the fast orientations (dZ M and dZᵀ A) and is itself
+    differentiable."""
+
+    @staticmethod
+    def forward(ctx, A: Tensor, M: Tensor) -> Tensor:
+        ctx.save_for_backward(A, M)
+        flat = A.reshape(-1, A.shape[-1])
+        return (M @ flat.T).T.contiguous().view(*A.shape[:-1], M.shape[0])
+
+    @staticmethod
+    def backward(ctx, dZ: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        A, M = ctx.saved_tensors
+        flat = dZ.reshape(-1, dZ.shape[-1])
+        dA = (flat @ M).view(A.shape) if ctx.needs_input_grad[0] else None
+        dM = flat.T @ A.reshape(-1, A.shape[-1]) if ctx.needs_input_grad[1] else None
+        return dA, dM
+
+
+_FEW_ROWS = 32  # measured crossover: at 64 rows both orientations cost the same, at 128 A Mᵀ wins
+
+
+def times_transposed(A: Tensor, M: Tensor) -> Tensor:
+    """A Mᵀ, (..., V) for A (..., d) and a tall M (V, d): the head's product, in the faster
+    orientation for A's number of rows (see _TimesTallTransposed)."""
+    if A.numel() > _FEW_ROWS * A.shape[-1]:
+        return A @ M.T
+    return _TimesTallTransposed.apply(A, M)
+
+
 def head_logits(A: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
     """Raw head output A Wᵀ + b, (N, T, V)."""
-    z = A @ W.T
+    z = times_transposed(A, W)
     return z if b is None else z + b
 
 
@@ -101,7 +134,7 @@ def head_grad_cosines(
     """cos(g_W, G_W) and, when G_b is given, cos(g_b, G_b) per example: (N, 1 or 2).
 
     Differentiable in A and B without forming g_W; G_W (V, d) is one shared target."""
-    inner_w = (B * (A @ G_W.T)).sum((1, 2))  # (N,): Σ B ⊙ (A G_Wᵀ)
+    inner_w = (B * times_transposed(A, G_W)).sum((1, 2))  # (N,): Σ B ⊙ (A G_Wᵀ)
     norm_w = head_grad_sq_norms(A, B, with_bias=False).clamp(min=0).add(eps).sqrt()
     cos = [inner_w / (norm_w * G_W.norm().clamp(min=eps))]
     if G_b is not None:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from gradmm_ray.config import PROJECTION_RULES as RULES  # defined once, with the config
+from gradmm_ray.core.headgrad import times_transposed
 from gradmm_ray.core.lm import CausalLM
 
 MAX_WORD_CHARS = 17
@@ -99,9 +100,10 @@ class NextTokenLogits:
         """Logits in fp32: all (N, V) when ``rows`` is None, else at token ids ``rows`` (N, k)."""
         if not self.use_cache:
             return self.logits if rows is None else self.logits.gather(1, rows)
-        if rows is None:
-            return self._tail(self.lm.head(self.hidden)).float()
         head = self.lm.head
+        if rows is None:
+            z = times_transposed(self.hidden, head.weight)
+            return self._tail(z if head.bias is None else z + head.bias).float()
         w = _rows(head.weight, rows).float()  # (N, k, d)
         z = torch.bmm(w, self.hidden.float().unsqueeze(-1)).squeeze(-1)
         if head.bias is not None:

@@ -98,6 +98,7 @@ def _run_locked(prep: Prepared) -> RunSummary:
     # Ray and the stages are imported only now: bad input fails in a second, before Ray loads.
     import ray
 
+    from gradmm_ray.distributed.quiet_stderr import ray_false_alarms_filtered
     from gradmm_ray.distributed.ray_env import configure_ray_data, init_ray
 
     cfg, out = prep.cfg, prep.out
@@ -113,7 +114,9 @@ def _run_locked(prep: Prepared) -> RunSummary:
         run_record = {"fingerprint": cfg.fingerprint_dict(), "inputs": prep.inputs}
         out.write_json(RUN_FILE, {**run_record, "config": cfg.to_dict()})
         configure_ray_data(cfg.execution)
-        _run_stages(prep, summary)
+        # After ray.init: the processes it starts must not inherit the filter's pipe.
+        with ray_false_alarms_filtered():
+            _run_stages(prep, summary)
     except KeyboardInterrupt as e:
         raise Stopped(
             _what_was_kept(out, "SIGTERM" if isinstance(e, _Terminated) else "Ctrl-C")
