@@ -78,30 +78,59 @@ def ray_head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_submit_with_the_readme_runtime_env_installs_nothing(ray_head, tmp_path):
-    """The README's submit command (tiny model, stage 1 only) succeeds with the code from the
-    uploaded working dir and nothing installed, and the output holds the release."""
+def _ray(*args: str, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    return subprocess.run(
+        [ray_cli, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_submit_stop_and_resubmit_with_the_readme_runtime_env(ray_head, tmp_path):
+    """The README's cluster path on a local head, as an operator runs it: submit (the code from
+    the uploaded working dir, nothing installed), `ray job stop` mid-solve (the job's log ends
+    with one line saying what the output keeps: no stack dump, the lock released), then the
+    same submit resumes and succeeds, printing no error-level line."""
     address, env, temp = ray_head
     out = tmp_path / "out"
+    distill = [
+        "python", "jobs/distill.py", "--config", "tiny", "--output", str(out),
+        "--set", "solve.candidates_per_class=12", "--set", "solve.max_actors=1",
+        "--set", "targets.max_actors=1", "--set", "targets.num_gpus=0",
+    ]  # fmt: skip
     submit = [
-        str(Path(sys.executable).with_name("ray")), "job", "submit", f"--address={address}",
-        "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--",
-        "python", "jobs/distill.py", "--config", "tiny", "--stages", "targets",
-        "--output", str(out), "--set", "targets.max_actors=1", "--set", "targets.num_gpus=0",
+        "job", "submit", f"--address={address}", "--working-dir", ".",
+        "--runtime-env", "cluster/runtime_env.yaml",
     ]  # fmt: skip
     deadline = time.monotonic() + 120
     while True:  # the head's job agent registers a few seconds after `ray start` returns
-        done = subprocess.run(
-            submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False
-        )
-        log = done.stdout + done.stderr
-        if "No available agent" not in log or time.monotonic() > deadline:
+        first = _ray(*submit, "--submission-id", "first", "--no-wait", "--", *distill, env=env)
+        if "No available agent" not in first.stdout + first.stderr or time.monotonic() > deadline:
             break
         time.sleep(3)
-    assert done.returncode == 0, log[-3000:]
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    deadline = time.monotonic() + 300
+    while not list((out / "solves").glob("part-*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert list((out / "solves").glob("part-*.parquet")), _ray(
+        "job", "logs", f"--address={address}", "first", env=env
+    ).stdout[-3000:]
+    stop = _ray("job", "stop", f"--address={address}", "first", env=env)
+    assert stop.returncode == 0, stop.stderr[-2000:]
+    log = _ray("job", "logs", f"--address={address}", "first", env=env).stdout
+    last = log.strip().splitlines()[-1]
+    assert last.startswith(f"distill.py: stopped by SIGTERM; {out} keeps targets.safetensors, "), (
+        log[-3000:]
+    )
+    assert not ERROR_LEVEL.search(log), log[-3000:]
+    assert not (out / LOCK_FILE).exists()
+
+    again = _ray(*submit, "--", *distill, env=env)
+    log = again.stdout + again.stderr
+    assert again.returncode == 0, log[-3000:]
     assert "succeeded" in log.lower(), log[-3000:]
-    assert not ERROR_LEVEL.search(done.stdout), ERROR_LEVEL.search(done.stdout)  # the job's log
-    assert (out / "targets.safetensors").stat().st_size > 0
+    assert "already done" in log and "0 already done" not in log, log[-3000:]
+    assert not ERROR_LEVEL.search(again.stdout), again.stdout[-3000:]  # the job's log
+    assert (out / "synthetic.parquet").stat().st_size > 0
     # What the head's runtime-env agent made: the unpacked code, and no environment (the pip,
     # uv and conda folders stay empty unless they install something).
     resources = temp / "session_latest" / "runtime_resources"

@@ -69,3 +69,28 @@ def test_driver_stderr_is_filtered_and_a_dying_driver_loses_nothing():
     assert done.stderr == (b"before\npython line\n" + OTHER_ERROR + b"after\ndying words\n"), (
         done.stderr
     )
+
+
+def test_the_filter_outlives_a_stop_signal_to_the_whole_group():
+    """`ray job stop` sends SIGTERM to the driver and all its children (Ctrl-C: SIGINT to the
+    terminal's group): the filter must keep forwarding what the driver writes as it stops."""
+    script = textwrap.dedent(
+        """
+        import os, signal, subprocess, sys, time
+        from gradmm_ray.distributed.quiet_stderr import ray_false_alarms_filtered
+        # Handlers, as the driver has (an ignored signal would stay ignored in the child).
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        signal.signal(signal.SIGINT, lambda *_: None)
+        with ray_false_alarms_filtered():
+            time.sleep(0.5)  # the child has set its handlers
+            os.killpg(0, signal.SIGTERM)
+            os.killpg(0, signal.SIGINT)
+            time.sleep(0.2)
+            print("stopping: what was kept", file=sys.stderr, flush=True)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, timeout=60, start_new_session=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == b"stopping: what was kept\n", done.stderr

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -77,4 +78,9 @@ def ray_false_alarms_filtered() -> Iterator[None]:
 
 
 if __name__ == "__main__":
+    # A stop is the driver's to handle: Ctrl-C reaches the whole terminal process group and
+    # `ray job stop` signals the job's every process. This filter ends at end of input, when the
+    # driver has closed its end or died, so nothing the driver writes while it stops is lost.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     forward(0, 1)

@@ -25,7 +25,7 @@ from gradmm_ray.core.lm import load_model
 from gradmm_ray.core.scoring import completion_logprobs, few_shot_context
 from gradmm_ray.core.target_space import target_space
 from gradmm_ray.core.text import encode_generation_prefix, encode_pair, format_prompt
-from gradmm_ray.distributed.ray_env import map_on_actor_pool
+from gradmm_ray.distributed.ray_env import StageBar, map_on_actor_pool
 
 # ---------------------------------------------------------------------------------------------
 # Scores
@@ -129,7 +129,14 @@ def score_candidates(solves: pa.Table, targets: dict, cfg: Config) -> pa.Table:
         batch_size=s.batch_size,
         execution=cfg.execution,
     )
-    table = pa.concat_tables(list(scored.iter_batches(batch_size=None, batch_format="pyarrow")))
+    parts = []
+    with StageBar(
+        total=solves.num_rows, desc="select: scoring candidates", unit="ex", model=cfg.model.name
+    ) as bar:
+        for part in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+            parts.append(part)
+            bar.update(part.num_rows)
+    table = pa.concat_tables(parts)
     return table.sort_by([("synthetic_id", "ascending"), ("rho", "ascending")])
 
 

@@ -17,14 +17,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 import torch
-from tqdm.auto import tqdm
 
 from gradmm_ray.config import Config
 from gradmm_ray.core.admm import SequenceLayout, Target, solve_batch
 from gradmm_ray.core.lm import load_model
 from gradmm_ray.core.projection import allowed_token_mask
 from gradmm_ray.core.target_space import target_space
-from gradmm_ray.distributed.ray_env import map_on_actor_pool
+from gradmm_ray.distributed.ray_env import StageBar, map_on_actor_pool
 from gradmm_ray.errors import OutputError
 from gradmm_ray.io.storage import OutputDir, OutputWarning, is_own
 
@@ -216,8 +215,12 @@ def run_solve(
             batch_size=s.batch_size,
             execution=cfg.execution,
         )
-        with tqdm(
-            total=len(items), initial=stats.skipped, desc="solve: synthetic examples", unit="ex"
+        with StageBar(
+            total=len(items),
+            initial=stats.skipped,
+            desc="solve: synthetic examples",
+            unit="ex",
+            model=cfg.model.name,
         ) as bar:
             for batch in solved.iter_batches(
                 batch_size=None, batch_format="pyarrow", prefetch_batches=0

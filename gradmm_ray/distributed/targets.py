@@ -24,7 +24,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from gradmm_ray.config import Config
 from gradmm_ray.core.lm import load_model
@@ -41,7 +40,7 @@ from gradmm_ray.core.privacy import (
 )
 from gradmm_ray.core.target_space import public_clip_norm, target_space
 from gradmm_ray.core.text import encode_pair
-from gradmm_ray.distributed.ray_env import actor_gpus, map_on_actor_pool
+from gradmm_ray.distributed.ray_env import StageBar, actor_gpus, map_on_actor_pool
 from gradmm_ray.distributed.real_rows import stream_for_pool
 from gradmm_ray.errors import OutputError
 from gradmm_ray.io.real_data import SourcePlan, check_class_counts
@@ -183,8 +182,13 @@ def clean_class_sums(
     seen: dict[str, int] = {}
     exactly_once = ExactlyOnce(plan, stream.kept)
     # The bar shows a percentage only (of an estimate for JSON and CSV): row counts are private.
-    bar_format = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]"
-    with tqdm(total=max(stream.expected_rows, 1), desc="targets", bar_format=bar_format) as bar:
+    bar_format = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
+    with StageBar(
+        total=max(stream.expected_rows, 1),
+        desc="targets",
+        bar_format=bar_format,
+        model=cfg.model.name,
+    ) as bar:
         for out in partials.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
             label, rows_seen = str(out["label"][0]), int(out["rows_seen"][0])
             acc = sums.setdefault(label, {})
