@@ -93,8 +93,8 @@ def test_pipeline_writes_to_s3_and_resumes_from_it(s3, ray_session, capsys):
     assert "4 work items: 0 solved now, 4 already done" in capsys.readouterr().out
 
 
-def test_model_folder_from_s3(s3, tmp_path, monkeypatch):
-    """model.name s3://... copies the folder into the cache once and loads it with
+def test_model_folder_from_s3(s3, tmp_path, monkeypatch, capsys):
+    """model.name s3://... copies the folder into the cache once (saying so) and loads it with
     from_pretrained."""
     local = ensure_tiny_model()
     monkeypatch.setenv("GRADMM_CACHE", str(tmp_path))  # an empty cache: the copy must happen
@@ -109,3 +109,6 @@ def test_model_folder_from_s3(s3, tmp_path, monkeypatch):
     assert lm.vocab_size == reference.vocab_size
     assert (lm.head.weight == reference.head.weight).all()
     assert len(list((tmp_path / "models").iterdir())) == 1
+    load_causal_lm(f"s3://{BUCKET}/models/tiny", device="cpu")  # from the cache, silently
+    err = capsys.readouterr().err
+    assert err.count(f"gradmm-ray: copying the model folder s3://{BUCKET}/models/tiny") == 1

@@ -169,3 +169,22 @@ def test_a_stopped_run_says_what_it_kept_and_resumes(tmp_path):
     assert "already done" in again.stdout and "0 already done" not in again.stdout
     # A healthy run (stages 2 and 3 on Ray Data actor pools) prints no error-level line.
     assert not ERROR_LEVEL.search(again.stderr), again.stderr[-3000:]
+
+
+def test_the_readme_token_command_writes_a_private_file_and_prints_nothing(tmp_path):
+    """README step 1, as written, in a fresh HOME: the token file is mode 0600 (Ray's own
+    --generate writes 0644) and the token is not printed."""
+    readme = (REPO / "README.md").read_text()
+    (line,) = [
+        ln for ln in readme.splitlines() if "get-auth-token --generate" in ln and "umask" in ln
+    ]
+    command = line.split("#")[0].strip()
+    env = {**os.environ, "HOME": str(tmp_path)}
+    done = subprocess.run(
+        ["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    token = (tmp_path / ".ray" / "auth_token").read_text().strip()
+    assert len(token) >= 32
+    assert (tmp_path / ".ray" / "auth_token").stat().st_mode & 0o777 == 0o600
+    assert token not in done.stdout + done.stderr

@@ -46,3 +46,11 @@ def test_eta_after_a_long_start_is_within_2x(monkeypatch, bar_class):
         assert within is (bar_class is StageBar), estimate
         if bar_class is StageBar:
             assert "starting actors" not in str(bar)
+
+
+def test_a_disabled_bar_counts_without_failing():
+    """tqdm disabled (TQDM_DISABLE, or disable=True) skips its set-up, rate state included:
+    updates must not fail (they did, in the scaling suite, whose children disable tqdm)."""
+    with StageBar(total=10, disable=True, model="tiny") as bar:
+        bar.update(4)
+        bar.update(6)

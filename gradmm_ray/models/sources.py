@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,6 +24,14 @@ def cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gradmm_ray"
     )
     return Path(base)
+
+
+def announce_cache_build(what: str, dest: Path) -> None:
+    """One line on stderr before a cache entry is built: the only slow, silent step of a first
+    run that is not a stage (a download, a conversion, the tiny model's training)."""
+    print(
+        f"gradmm-ray: {what} into {dest} (once; later runs reuse it)", file=sys.stderr, flush=True
+    )
 
 
 def resolve_model_source(name: str) -> str:
@@ -53,6 +62,7 @@ def _copy_remote_folder(uri: str) -> Path:
         fs, path = pafs.FileSystem.from_uri(uri)
         if fs.get_file_info(path).type != pafs.FileType.Directory:
             raise ModelError(f"model.name {uri!r}: no such folder")
+        announce_cache_build(f"copying the model folder {uri}", dest)
         tmp = Path(tempfile.mkdtemp(dir=ensure_dir(dest.parent)))
         pafs.copy_files(
             path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()

@@ -18,7 +18,12 @@ from pathlib import Path
 
 import torch
 
-from gradmm_ray.models.sources import atomic_replace_dir, cache_dir, ensure_dir
+from gradmm_ray.models.sources import (
+    announce_cache_build,
+    atomic_replace_dir,
+    cache_dir,
+    ensure_dir,
+)
 
 TINY = "tiny"
 TINY_RECIPE_VERSION = "4"  # bump when the recipe below changes: a new cache entry is built
@@ -138,6 +143,7 @@ def ensure_tiny_model() -> Path:
     dest = cache_dir() / f"tiny-v{TINY_RECIPE_VERSION}"
     if (dest / ".complete").exists():
         return dest
+    announce_cache_build("training the tiny test model (~1 minute on a CPU)", dest)
     tmp = Path(tempfile.mkdtemp(dir=ensure_dir(dest.parent), prefix=".tiny-"))
     build_tiny_model(tmp)
     (tmp / ".complete").touch()
