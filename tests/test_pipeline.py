@@ -287,7 +287,7 @@ def test_targets_stage_alone_then_the_rest(ray_session, tmp_path, capsys):
     assert (out / "synthetic.parquet").exists()
 
 
-def test_label_rows_target_end_to_end(ray_session, canary_data, tmp_path):
+def test_label_rows_target_end_to_end(ray_session, canary_data, tmp_path, capsys):
     """targets.gradient=label_rows on the tiny model: every stage runs, the release holds one
     (|S|, d) weight (+ (|S|,) bias) per class, the record names the space and its dimension
     |S|·(d [+ 1]), and the selected rows' match_loss is a 1 - cos in that space. With
@@ -302,6 +302,8 @@ def test_label_rows_target_end_to_end(ray_session, canary_data, tmp_path):
     argv = ["--data", str(canary_data), "--output", str(out), *FAST]
     settings = ["--set", "targets.gradient=label_rows", "--set", "select.rule=set_match"]
     assert cli.main([*argv, *settings, "--set", "privacy.clip_norm=auto"]) == 0
+    # Announced before stage 1 (on a cluster its task may wait for a GPU node).
+    assert "targets: privacy.clip_norm auto: measuring tiny's" in capsys.readouterr().err
     lm = load_causal_lm("tiny", dtype="float32", device="cpu")
     K, d = len(Config().data.verbalizers), lm.head.weight.shape[1]
     from safetensors import safe_open

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 import time
 from dataclasses import dataclass, replace
 
@@ -236,6 +237,13 @@ def resolve_clip_norm(cfg: Config) -> tuple[Config, str]:
         num_gpus=actor_gpus(t.num_gpus), num_cpus=t.num_cpus
     )
     timeout = None if e.stall_timeout_s == -1 else e.stall_timeout_s
+    # Before stage 1's bar: on a cluster this task may wait for a GPU node to start.
+    print(
+        f"targets: privacy.clip_norm auto: measuring {cfg.model.name}'s head-input norm on the "
+        "public generation prefixes (one task on a stage-1 node)",
+        file=sys.stderr,
+        flush=True,
+    )
     value = round(ray.get(task.remote(cfg), timeout=timeout), 4)
     return replace(cfg, privacy=replace(cfg.privacy, clip_norm=value)), AUTO_CLIP_SOURCE
 

@@ -126,6 +126,8 @@ class DeepSpeedBackend:
     def __init__(
         self, model, lr: float, protocol: ProtocolConfig, steps: int, ds: dict[str, Any], device
     ):
+        if device.type == "cpu":  # said, not guessed: no "unable to detect" warning per rank
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
         if device.type == "cpu":
