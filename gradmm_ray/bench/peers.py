@@ -28,6 +28,7 @@ from gradmm_ray.bench.harness import goal, sync
 from gradmm_ray.bench.workload import (
     CLIP_NORM,
     Settings,
+    build_lm,
     chunks,
     make_layout,
     make_target,
@@ -46,7 +47,8 @@ from gradmm_ray.core.target_space import target_space
 HELP = """\
   peers       Against outside code and the limit, in one process (wall clock, best of repeats),
               on the benchmark model and then on SmolLM2 (real vocabulary, tied head; fewer rows,
-              batch 4, 8 tokens, 2 x 10 iterations; under "smollm2", skipped with --quick):
+              batch 4, 8 tokens, 2 x 10 iterations; under "smollm2", skipped with --quick);
+              fp32 on a CPU, bf16 on a CUDA device (settings.device, settings.dtype):
               stage 1 (same rows, micro-batches, clip norm; head only):
                 ours          core.target_space full_head, clipped_sum_of_pairs per micro-batch;
                 opacus_ghost  Opacus GradSampleModuleFastGradientClipping (ghost clipping) on
@@ -279,7 +281,9 @@ def fwd_bwd_floor(lm, layout, target, N: int, cfg, steps: int) -> None:
     """Plain forward + backward of the same model on the same shape, ``steps`` times."""
     obj = MatchingObjective(lm, layout, target)  # its layout tensors only
     W = obj.W
-    X = torch.randn(N, cfg.num_tokens, W.shape[1], device=lm.device, requires_grad=True)
+    X = torch.randn(
+        N, cfg.num_tokens, W.shape[1], device=lm.device, dtype=obj.prefix.dtype, requires_grad=True
+    )
     start = obj.n_fixed_before + cfg.num_tokens + obj.n_after - 1
     for _ in range(steps):
         parts = [obj.prefix, X, obj.suffix, obj.completion]
@@ -382,6 +386,8 @@ def measure(lm: CausalLM, s: Settings, quick: bool) -> dict:
     out = {**stage1(lm, s, repeats, not quick), **stage2(lm, s, 1 if quick else 2, not quick)}
     out["settings"] = {
         "model": lm.name,
+        "device": lm.device.type,
+        "dtype": str(lm.dtype).removeprefix("torch."),
         "stage1_examples": s.stage1_examples,
         "stage1_micro_batch": s.stage1_micro,
         "clip_norm": CLIP_NORM,
@@ -394,22 +400,25 @@ def measure(lm: CausalLM, s: Settings, quick: bool) -> dict:
     return out
 
 
-def _smollm2() -> CausalLM | None:
+def _smollm2(like: CausalLM) -> CausalLM | None:
     """SmolLM2 as ``model.name: smollm2-135m`` resolves it (the cache ``make install`` fills, or
-    the package registry), or None where neither is reachable."""
+    the package registry) on ``like``'s device and dtype, or None where it is not reachable."""
     from gradmm_ray.core.lm import load_causal_lm
     from gradmm_ray.errors import UserError
 
+    dtype = str(like.dtype).removeprefix("torch.")
     try:
-        return load_causal_lm("smollm2-135m", dtype="float32", device="cpu", progress=False)
+        return load_causal_lm("smollm2-135m", dtype=dtype, device=like.device.type, progress=False)
     except UserError:
         return None
 
 
 def suite(s: Settings, quick: bool, lm: CausalLM | None) -> dict:
+    if lm.device.type == "cuda":  # issue 14: the GPU figures in bf16
+        lm = build_lm(lm.device, torch.bfloat16)
     out = measure(lm, s, quick)
     if not quick:  # SmolLM2: a real vocabulary and a tied head, the comparison on a real body
-        smol = _smollm2()
+        smol = _smollm2(lm)
         out["smollm2"] = (
             measure(smol, replace(s, **SMOLLM2_SIZES), quick)
             if smol is not None

@@ -126,8 +126,8 @@ def random_lm(
     return CausalLM(model, StandInTokenizer(), name, None, device, dtype)
 
 
-def build_lm(device: torch.device) -> CausalLM:
-    """The benchmark LM: Llama-style, MODEL_SHAPE, fp32."""
+def build_lm(device: torch.device, dtype: torch.dtype = torch.float32) -> CausalLM:
+    """The benchmark LM: Llama-style, MODEL_SHAPE (fp32 unless told)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -138,7 +138,7 @@ def build_lm(device: torch.device) -> CausalLM:
         bos_token_id=1,
         eos_token_id=2,
     )
-    return random_lm(LlamaForCausalLM, config, device, torch.float32, "random-llama-32k")
+    return random_lm(LlamaForCausalLM, config, device, dtype, "random-llama-32k")
 
 
 # ---------------------------------------------------------------------------------------------
