@@ -143,7 +143,7 @@ def ensure_tiny_model() -> Path:
     dest = cache_dir() / f"tiny-v{TINY_RECIPE_VERSION}"
     if (dest / ".complete").exists():
         return dest
-    announce_cache_build("training the tiny test model (~1 minute on a CPU)", dest)
+    announce_cache_build("training the tiny test model (~15 s on 2 CPU cores)", dest)
     tmp = Path(tempfile.mkdtemp(dir=ensure_dir(dest.parent), prefix=".tiny-"))
     build_tiny_model(tmp)
     (tmp / ".complete").touch()
