@@ -216,3 +216,45 @@ def test_verdict_reads_runs_whose_sets_do_not_spread():
     assert (
         verdict(q, [4]) == "GRADMM label_rows/m5/epsinf vs random real: k=4: +0.0 pts (no spread)"
     )
+
+
+def test_verdict_compares_the_two_target_spaces_from_the_same_rows_and_epsilon():
+    """Issue 17's comparison: label_rows against full_head of the same m and epsilon only."""
+    from gradmm_ray.bench.quality import verdict
+
+    def acc(a, se):
+        return {"test_accuracy": a, "test_accuracy_se": se}
+
+    runs = ["label_rows/m500/eps1", "full_head/m500/eps1", "full_head/m500/epsinf"]
+    q = {
+        "settings": {"runs": runs},
+        "protocol_a": {
+            "k8/random real": acc(0.83, 0.004),
+            "k8/GRADMM label_rows/m500/eps1": acc(0.844, 0.004),
+            "k8/GRADMM full_head/m500/eps1": acc(0.803, 0.003),
+            "k8/GRADMM full_head/m500/epsinf": acc(0.70, 0.001),
+        },
+    }
+    twin = verdict(q, [8]).split("; ")[-1]
+    assert twin == "GRADMM label_rows/m500/eps1 vs full_head/m500/eps1: k=8: +4.1 pts (+8.2 SE)"
+
+
+def test_releases_table_reads_each_runs_privacy_record():
+    from gradmm_ray.bench.quality import RELEASE_KEYS, releases_table
+
+    record = {
+        "epsilon": 1.0,
+        "noise_multiplier": 3.1857,
+        "clip_norm": 22.06,
+        "target_space": "label_rows",
+        "target_dims": 1152,
+        "noise_to_signal": {"positive": 0.376, "negative": 0.253},
+        "noise_to_signal_combined": 1.075,
+        "sensitivity": 22.06,  # not repeated
+    }
+    lines = releases_table({"label_rows/m500/eps1": {k: record[k] for k in RELEASE_KEYS}})
+    assert lines[-2] == (
+        "| label_rows/m500/eps1 | label_rows, 1,152 | 1.0 | 3.19 | 22.06 | "
+        "negative 0.25, positive 0.38 | 1.07 |"
+    )
+    assert releases_table({}) == []

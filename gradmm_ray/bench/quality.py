@@ -234,14 +234,30 @@ def generate(run: GenerationRun, source: Path, out: Path, candidates: int) -> Ge
     if rc != 0:
         raise SystemExit(f"quality.py: error: distill.py failed for {run.name} (exit code {rc})")
     rows = pq.read_table(folder / "synthetic.parquet").to_pylist()
-    targets, _ = read_targets(OutputDir(str(folder)))
-    return Generated(rows, combined_target(targets).numpy())
+    targets, record = read_targets(OutputDir(str(folder)))
+    privacy = record["privacy"]
+    release = {key: privacy.get(key) for key in RELEASE_KEYS}
+    return Generated(rows, combined_target(targets).numpy(), release)
+
+
+# What the quality report repeats from each run's privacy record: how much signal the released
+# target kept (no counts: the record has none).
+RELEASE_KEYS = (
+    "epsilon",
+    "noise_multiplier",
+    "clip_norm",
+    "target_space",
+    "target_dims",
+    "noise_to_signal",
+    "noise_to_signal_combined",
+)
 
 
 @dataclass
 class Generated:
     rows: list[dict]  # synthetic.parquet's rows: every candidate that passed stage 3's filters
     target: np.ndarray  # the release's combined target (core.privacy.combined_target)
+    release: dict  # RELEASE_KEYS of the run's privacy record
 
 
 def gradmm_groups(
@@ -691,6 +707,7 @@ def main(argv=None) -> int:
         "readability_log_ppl": readability,
         "independent_label_check": checks,
         "candidates": {name: len(rows) for name, rows in candidates.items()},
+        "releases": {name: g.release for name, g in generated.items()},
         "examples": examples,
         "seconds": {**timings, "total": round(time.perf_counter() - started, 1)},
     }
@@ -699,6 +716,37 @@ def main(argv=None) -> int:
     write_results(out, quality)
     print(f"quality: {quality['verdict']}\nwrote {args.json} and {out / 'results.md'}")
     return 0
+
+
+def releases_table(releases: dict[str, dict]) -> list[str]:
+    """results.md's table of what each run's privacy record says of its released target."""
+    if not releases:
+        return []
+    lines = [
+        "## The releases",
+        "",
+        "From each run's privacy record: noise-to-signal is the noise's expected norm over the "
+        "clean sum's norm (estimated from the release: post-processing), per class and for the "
+        "sum over classes, the target the set matching aims at.",
+        "",
+        "| run | target space, dims | ε | noise multiplier z | clip norm C | "
+        "noise-to-signal per class | summed over classes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in releases.items():
+        per_class = ", ".join(
+            f"{label} {_fmt(ratio)}" for label, ratio in sorted(r["noise_to_signal"].items())
+        )
+        lines.append(
+            f"| {name} | {r['target_space']}, {r['target_dims']:,} | {r['epsilon']} | "
+            f"{_fmt(r['noise_multiplier'])} | {_fmt(r['clip_norm'])} | {per_class or '-'} | "
+            f"{_fmt(r['noise_to_signal_combined'])} |"
+        )
+    return lines + [""]
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _ppl(values: list[float]) -> dict:
@@ -734,6 +782,18 @@ def verdict(q: dict, ks: list[int]) -> str:
                 in_se = "no spread" if c["in_se"] is None else f"{c['in_se']:+.1f} SE"
                 wins.append(f"k={k}: {100 * c['diff']:+.1f} pts ({in_se})")
         parts.append(f"GRADMM {name} vs random real: " + ", ".join(wins))
+    # Issue 17's second comparison: the two target spaces from the same rows at the same epsilon.
+    for name in q["settings"]["runs"]:
+        twin = name.replace("label_rows/", "full_head/", 1)
+        if name.startswith("label_rows/") and twin in q["settings"]["runs"]:
+            wins = []
+            for k in ks:
+                a, b = res.get(f"k{k}/GRADMM {name}"), res.get(f"k{k}/GRADMM {twin}")
+                c = compare(a, b) if a and b else None
+                if c is not None:
+                    in_se = "no spread" if c["in_se"] is None else f"{c['in_se']:+.1f} SE"
+                    wins.append(f"k={k}: {100 * c['diff']:+.1f} pts ({in_se})")
+            parts.append(f"GRADMM {name} vs {twin}: " + ", ".join(wins))
     return "; ".join(parts)
 
 
@@ -808,6 +868,7 @@ def write_results(out: Path, q: dict) -> None:
             )
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "![gradient error](grad_error.png)", ""]
+    lines += releases_table(q.get("releases", {}))
     if q["protocol_b"]:
         some = next(iter(q["protocol_b"].values()))
         lines += [
