@@ -183,6 +183,16 @@ def test_compare_and_run_specs():
         GenerationRun.parse("label_rows:fifty:inf")
 
 
+def test_the_command_line_is_recorded_as_given_flags_and_all():
+    """results.md names the command: with flags, the grid's name alone says little."""
+    from gradmm_ray.bench.quality import parse_args
+
+    argv = ["--json", "q.json", "--runs", "full_head:all:1", "--candidates", "128"]
+    args = parse_args(argv)
+    assert args.command == "python jobs/quality.py " + " ".join(argv)
+    assert args.candidates == 128 and args.grid == "quick"
+
+
 def test_protocol_b_zero_shot_and_lr_zero_agree_and_training_moves_the_model(tiny_lm):
     """Protocol (b) through the fine-tuning job's loop: with lr 0 a trained run scores exactly
     the pretrained model (zero-shot); with a large lr on the negative rows only, the pretrained

@@ -44,6 +44,7 @@ import datetime  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import shlex  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -167,6 +168,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     b.add_argument("--b-seeds", type=int, default=2, help="sets per method (GRADMM groups, draws)")
     b.add_argument("--b-eval-rows", type=int, default=200, help="DEV and TEST rows evaluated")
     args = p.parse_args(argv)
+    # The command as given: results.md names it, since flags override most of a grid's values.
+    args.command = shlex.join(
+        ["python", "jobs/quality.py", *(sys.argv[1:] if argv is None else argv)]
+    )
     for key, value in GRIDS[args.grid].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -688,6 +693,7 @@ def main(argv=None) -> int:
             f"test {len(test_rows)} rows of the test split"
         ),
         "settings": {
+            "command": args.command,
             "grid": args.grid,
             "runs": [r.name for r in args.runs],
             "per_class": ks,
@@ -828,7 +834,7 @@ def write_results(out: Path, q: dict) -> None:
     lines = [
         "# Quality benchmark: SmolLM2-135M-Instruct on rt-snippets",
         "",
-        f"Measured {q['measured_at']} (`python jobs/quality.py --grid {s['grid']}`). {q['data']}.",
+        f"Measured {q['measured_at']} (`{s['command']}`). {q['data']}.",
         "",
         f"**Result:** {q['verdict']}.",
         "",
