@@ -4,6 +4,8 @@ through the whole model, a literal per-example loop, and hand-built cases."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -191,6 +193,33 @@ def test_the_command_line_is_recorded_as_given_flags_and_all():
     args = parse_args(argv)
     assert args.command == "python jobs/quality.py " + " ".join(argv)
     assert args.candidates == 128 and args.grid == "quick"
+
+
+def test_solver_settings_reach_every_run_and_name_its_folder(monkeypatch, tmp_path):
+    """--set admm.*: checked before any work, passed to distill.py, and part of the run folder's
+    name (a run with other solver settings must not resume this one)."""
+    from gradmm_ray.bench import quality
+    from gradmm_ray.distill import cli
+
+    args = quality.parse_args(["--json", "q.json", "--set", "admm.topk=5"])
+    assert args.admm_settings == ["admm.topk=5"]
+    for bad, says in (
+        ("select.rule=lowest_loss", "only admm.* settings"),
+        ("admm.topk=many", "admm.topk"),
+        ("admm.top_k=5", "admm.top_k"),
+    ):
+        with pytest.raises(SystemExit, match=says):
+            quality.parse_args(["--json", "q.json", "--set", bad])
+
+    seen = []
+    monkeypatch.setattr(cli, "main", lambda argv: seen.append(argv) or 1)
+    run = GenerationRun.parse("label_rows:50:inf")
+    with pytest.raises(SystemExit, match="distill.py failed"):
+        quality.generate(run, tmp_path / "m50.jsonl", tmp_path, 8, args.admm_settings)
+    (argv,) = seen
+    folder = Path(argv[argv.index("--output") + 1])
+    assert folder == tmp_path / "runs" / "label_rows_m50_epsinf_admm.topk=5"
+    assert argv[-2:] == ["--set", "admm.topk=5"]
 
 
 def test_protocol_b_zero_shot_and_lr_zero_agree_and_training_moves_the_model(tiny_lm):

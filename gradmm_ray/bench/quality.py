@@ -48,6 +48,7 @@ import shlex  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -156,6 +157,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--candidates", type=int, help="solve.candidates_per_class of generation")
     p.add_argument("--pool-rows", type=int, help="cap on the pool (0: all 8,572 rows)")
     p.add_argument("--test-rows", type=int, default=0, help="cap on TEST (0: all 1,000 rows)")
+    p.add_argument(
+        "--set",
+        dest="admm_settings",
+        action="append",
+        default=[],
+        metavar="admm.KEY=VALUE",
+        help="a solver setting for every generation run, e.g. admm.topk=5 (repeatable; admm.* "
+        "only: the rest is the benchmark's protocol); each run's folder names it, so runs with "
+        "other settings never resume one another",
+    )
     b = p.add_argument_group(
         "protocol (b)",
         "a short full fine-tune of the whole model (core.training.run_one, the fine-tuning job's "
@@ -179,7 +190,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.runs = tuple(args.runs.split(","))
     args.runs = [GenerationRun.parse(s) for s in args.runs]
     args.per_class = [int(k) for k in str(args.per_class).split(",")]
+    for setting in args.admm_settings:
+        check_admm_setting(setting)
     return args
+
+
+def check_admm_setting(setting: str) -> None:
+    """One clear line, before any work, for a --set that is not a valid admm.* setting."""
+    from gradmm_ray.config import build_config, parse_override
+    from gradmm_ray.errors import ConfigError
+
+    try:
+        override = parse_override(setting)
+        if list(override) != ["admm"]:
+            raise ConfigError(f"--set {setting!r}: only admm.* settings are taken here")
+        build_config(override)
+    except ConfigError as e:
+        raise SystemExit(f"quality.py: error: {e}") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -212,9 +239,12 @@ def generation_rows(pool: list[dict], m: str) -> list[int]:
     return stratified_sample(labels, per_class=int(m), max_examples=None, seed=SPLIT_SEED).tolist()
 
 
-def generate(run: GenerationRun, source: Path, out: Path, candidates: int) -> Generated:
+def generate(
+    run: GenerationRun, source: Path, out: Path, candidates: int, admm_settings: Sequence[str] = ()
+) -> Generated:
     """distill.py in-process; the candidates that passed stage 3's label check and de-duplication,
-    and the release's combined target (what the set-matching selection matches)."""
+    and the release's combined target (what the set-matching selection matches). ``admm_settings``
+    (--set) go to distill.py as given and into the run's folder name."""
     import pyarrow.parquet as pq
 
     from gradmm_ray.core.privacy import combined_target
@@ -222,7 +252,7 @@ def generate(run: GenerationRun, source: Path, out: Path, candidates: int) -> Ge
     from gradmm_ray.distributed.targets import read_targets
     from gradmm_ray.io.storage import OutputDir
 
-    folder = out / "runs" / run.name.replace("/", "_")
+    folder = out / "runs" / "_".join([run.name.replace("/", "_"), *admm_settings])
     argv = ["--data", str(source), "--output", str(folder)]
     settings = [
         f"targets.gradient={run.space}",
@@ -233,7 +263,7 @@ def generate(run: GenerationRun, source: Path, out: Path, candidates: int) -> Ge
         f"select.rule={'set_match' if run.space == 'label_rows' else 'lowest_loss'}",
         "select.balance=false",
     ]
-    for s in settings:
+    for s in [*settings, *admm_settings]:
         argv += ["--set", s]
     rc = cli.main(argv)
     if rc != 0:
@@ -531,7 +561,7 @@ def main(argv=None) -> int:
         source = write_jsonl(
             out / "data" / f"m{run.m}.jsonl", [pool_rows[i] for i in m_rows[run.m]]
         )
-        generated[run.name] = generate(run, source, out, args.candidates)
+        generated[run.name] = generate(run, source, out, args.candidates, args.admm_settings)
         timings[f"generate {run.name}"] = round(time.perf_counter() - t0, 1)
     candidates = {name: g.rows for name, g in generated.items()}
     import ray
@@ -700,6 +730,7 @@ def main(argv=None) -> int:
             "gradmm_groups": args.seeds,
             "random_real_draws": args.real_seeds,
             "candidates_per_class": args.candidates,
+            "admm_settings": args.admm_settings,
             "protocol_b": {"steps": args.b_steps, "lrs": args.b_lrs, "eval_rows": args.b_eval_rows},
             "protocol_a": {
                 "optimizer": "Adam, full batch",
