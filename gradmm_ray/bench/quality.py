@@ -12,10 +12,11 @@ generation or by any choice.
    (in-process, the defaults: SmolLM2) turns them into candidates, label-checked and de-duplicated
    by stage 3 but not cut to a count (select.per_class null, no balance). A re-run resumes.
 2. Training sets of k examples per class: GRADMM (the candidates are split into ``--seeds``
-   disjoint groups by synthetic id, i.e. independent solves; each group keeps its k lowest
-   matching losses per class), random real rows (a new draw per seed), herding and k-center on
-   the pool's features (deterministic: one run), the m real rows generation saw, and as bounds
-   zero-shot and the whole pool.
+   disjoint groups by synthetic id, i.e. independent solves; each group keeps k per class by the
+   product's rule, set matching for label_rows and the k lowest matching losses for full_head,
+   with the lowest-loss rule on label_rows as the paper's ablation), random real rows (a new
+   draw per seed), herding and k-center on the pool's features (deterministic: one run), the m
+   real rows generation saw, and as bounds zero-shot and the whole pool.
 3. Protocol (a) (bench/last_layer.py): the last layer only, on hidden states computed once; a
    learning-rate grid, DEV picks lr and step per set, TEST accuracy reported as mean ± standard
    error over seeds, with the gradient error against the whole pool at the pretrained model and
