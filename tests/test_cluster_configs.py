@@ -400,7 +400,7 @@ def kuberay_policy_problems(spec: dict[str, Any], name: str = "gradmm-ray") -> P
 
 def runtime_env_problems(env: dict[str, Any], *, remote_working_dir: bool = False) -> Problems:
     """Ray's own RuntimeEnv validation plus: only known fields, HF transfer off, tokenizers
-    parallelism off, anything installed with the constraints, no secret env var."""
+    parallelism off, a stop grace of >= 30 s, anything installed with the constraints, no secret env var."""
     from ray.runtime_env import RuntimeEnv
 
     problems: Problems = []
@@ -416,6 +416,11 @@ def runtime_env_problems(env: dict[str, Any], *, remote_working_dir: bool = Fals
         problems.append("env_vars.HF_HUB_ENABLE_HF_TRANSFER must be '0'")
     if env_vars.get("TOKENIZERS_PARALLELISM") != "false":
         problems.append("env_vars.TOKENIZERS_PARALLELISM must be 'false'")
+    stop_wait = str(env_vars.get("RAY_JOB_STOP_WAIT_TIME_S", "3"))
+    if not stop_wait.isdigit() or int(stop_wait) < 30:
+        # Ray's default 3 s between `ray job stop`'s SIGTERM and SIGKILL is too short on a busy
+        # head for the job to release its lock and say what it kept (CI saw it).
+        problems.append(f"env_vars.RAY_JOB_STOP_WAIT_TIME_S is {stop_wait}; give the job >= 30 s")
     problems += [f"env_vars.{k} looks like a secret" for k in env_vars if SECRET_ENV_NAME.search(k)]
     if "pip" in env:  # installing is optional; when it installs, the tested versions
         pip = env["pip"]
@@ -864,6 +869,11 @@ BREAKAGES = {
     "runtime_env: tokenizers parallel": (
         RUNTIME_ENV,
         _set("env_vars/TOKENIZERS_PARALLELISM", "true"),
+        runtime_env_problems,
+    ),
+    "runtime_env: Ray's default stop grace": (
+        RUNTIME_ENV_PIP,
+        lambda env: env["env_vars"].pop("RAY_JOB_STOP_WAIT_TIME_S"),
         runtime_env_problems,
     ),
     "runtime_env: a secret env var": (

@@ -139,6 +139,31 @@ def test_submit_stop_and_resubmit_with_the_readme_runtime_env(ray_head, tmp_path
         folder = resources / installer
         assert not folder.exists() or not any(folder.iterdir()), installer
 
+    # The runtime env's stop grace reaches Ray's job supervisor: a job that needs 5 s to stop
+    # (Ray's default is SIGKILL after 3 s) still finishes its handler.
+    slow_stopper = tmp_path / "slow_stopper.py"
+    slow_stopper.write_text(
+        "import signal, sys, time\n"
+        "def stop(*_):\n"
+        "    time.sleep(5)\n"
+        "    print('stopped after 5 s', flush=True)\n"
+        "    sys.exit(130)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('waiting', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    slow = _ray(
+        *submit, "--submission-id", "slow", "--no-wait", "--", "python", str(slow_stopper), env=env
+    )
+    assert slow.returncode == 0, (slow.stdout + slow.stderr)[-3000:]
+    deadline = time.monotonic() + 120
+    while "waiting" not in _ray("job", "logs", f"--address={address}", "slow", env=env).stdout:
+        assert time.monotonic() < deadline, "the slow-stopping job never started"
+        time.sleep(1)
+    assert _ray("job", "stop", f"--address={address}", "slow", env=env).returncode == 0
+    log = _ray("job", "logs", f"--address={address}", "slow", env=env).stdout
+    assert log.strip().splitlines()[-1] == "stopped after 5 s", log[-2000:]
+
 
 def test_a_stopped_run_says_what_it_kept_and_resumes(tmp_path):
     """SIGTERM (what `ray job stop` sends) during stage 2: exit 130, one plain line naming what
