@@ -172,6 +172,7 @@ def test_a_stopped_run_says_what_it_kept_and_resumes(tmp_path):
     argv = [
         sys.executable, "jobs/distill.py", "--config", "tiny", "--output", str(out),
         "--set", "solve.candidates_per_class=20", "--set", "solve.max_actors=1",
+        "--set", "admm.outer_iters=10",  # 5 batches of ~6 s: the stop lands mid-solve
     ]  # fmt: skip
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
