@@ -400,7 +400,8 @@ def kuberay_policy_problems(spec: dict[str, Any], name: str = "gradmm-ray") -> P
 
 def runtime_env_problems(env: dict[str, Any], *, remote_working_dir: bool = False) -> Problems:
     """Ray's own RuntimeEnv validation plus: only known fields, HF transfer off, tokenizers
-    parallelism off, a stop grace of >= 30 s, anything installed with the constraints, no secret env var."""
+    parallelism off, a stop grace of >= 30 s, anything installed with the constraints, no secret
+    env var."""
     from ray.runtime_env import RuntimeEnv
 
     problems: Problems = []

@@ -89,7 +89,8 @@ def test_submit_stop_and_resubmit_with_the_readme_runtime_env(ray_head, tmp_path
     """The README's cluster path on a local head, as an operator runs it: submit (the code from
     the uploaded working dir, nothing installed), `ray job stop` mid-solve (the job's log ends
     with one line saying what the output keeps: no stack dump, the lock released), then the
-    same submit resumes and succeeds, printing no error-level line."""
+    same submit resumes and succeeds, printing no error-level line. Then the runtime env's stop
+    grace: a job that needs 5 s to stop (Ray kills after 3 s by default) finishes stopping."""
     address, env, temp = ray_head
     out = tmp_path / "out"
     distill = [
